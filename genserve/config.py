@@ -1,0 +1,311 @@
+"""GenServe configuration: one typed tree, loaded once at start in the API process.
+
+Sources, later ones winning:
+1. the defaults below (every field has one and a one-line description);
+2. a YAML file: ``--config PATH``, else ``GENSERVE_CONFIG``, else ``./config.yaml`` when present;
+3. environment variables.
+
+Environment rule: ``GENSERVE_<SECTION>__<FIELD>`` sets one field (double underscore between section and field,
+value parsed as a YAML scalar or list), e.g. ``GENSERVE_QUEUE__MAX_SIZE=10``. A few common fields also have short
+names, listed in ``ENV_SHORTCUTS``. Unknown keys in the file and unknown ``GENSERVE_*`` variables are errors that
+name the key, so a typo never silently falls back to a default.
+
+This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from genserve.messages import ALL_MODES, Mode
+
+ENV_PREFIX = "GENSERVE_"
+# Short names for the fields people set most; everything else uses GENSERVE_<SECTION>__<FIELD>.
+ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
+    "GENSERVE_HOST": ("server", "host"),
+    "GENSERVE_PORT": ("server", "port"),
+    "GENSERVE_LOG_LEVEL": ("server", "log_level"),
+    "GENSERVE_MODEL_PATH": ("model", "path"),
+    "GENSERVE_FILL_PATH": ("fill", "path"),
+    "GENSERVE_CONTROLNET_PATH": ("controlnet", "path"),
+    "GENSERVE_CPU_WORKERS": ("workers", "cpu_workers"),
+    "GENSERVE_DEVICES": ("workers", "devices"),
+}
+# Read by load_config itself, not mapped to a field.
+ENV_CONFIG_FILE = "GENSERVE_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(12411, ge=1, le=65535, description="TCP port of the HTTP server.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish before they are failed."
+    )
+    max_request_mb: float = Field(
+        220.0, gt=0, description="Largest request body accepted (JSON with base64 images, or a multipart upload)."
+    )
+
+
+class ModelConfig(_Section):
+    id: str = Field("flux1-dev", min_length=1, description="model_id clients send and /models reports.")
+    name: str = Field("FLUX.1-dev", description="Human-readable model name for /models.")
+    path: str = Field(
+        "", description="Local diffusers folder of FLUX.1-dev. Empty: build and use the embedded tiny test model."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype. auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    modes: list[Mode] = Field(
+        default_factory=lambda: list(ALL_MODES),
+        min_length=1,
+        description="Modes each worker loads and serves; text2img is always loaded (the others share its weights).",
+    )
+    embedded_cache_dir: str = Field(
+        "~/.cache/genserve/embedded", description="Where the embedded test model is built once and reused."
+    )
+
+    @field_validator("modes")
+    @classmethod
+    def _unique_modes(cls, modes: list[Mode]) -> list[Mode]:
+        return list(dict.fromkeys(modes))
+
+
+class FillConfig(_Section):
+    path: str = Field(
+        "",
+        description="FLUX.1-Fill-dev folder (with transformer/) or a bare Fill transformer folder. "
+        "Empty: the embedded model's when model.path is empty; fill disabled otherwise.",
+    )
+
+
+class ControlNetConfig(_Section):
+    path: str = Field(
+        "",
+        description="FLUX ControlNet folder (a union ControlNet for controlnet_type). "
+        "Empty: the embedded model's when model.path is empty; controlnet disabled otherwise.",
+    )
+    conditioning_scale: float = Field(0.7, ge=0, le=2, description="controlnet_conditioning_scale of each job.")
+
+
+class WorkersConfig(_Section):
+    devices: Literal["auto"] | list[str] = Field(
+        "auto", description='"auto": every CUDA device, else cpu_workers CPU workers; or a list like [cuda:0, cuda:2].'
+    )
+    cpu_workers: int = Field(1, ge=1, le=64, description="Number of CPU workers when no CUDA device is used.")
+    cpu_threads: int = Field(0, ge=0, description="torch threads per CPU worker; 0 shares the cores out evenly.")
+    ready_timeout_s: float = Field(
+        900.0, gt=0, description="How long a worker may take to load its pipelines before it is killed and retried."
+    )
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker says it is alive.")
+    restart_backoff_s: float = Field(0.5, ge=0, description="Delay before the first respawn of a dead worker.")
+    restart_backoff_max_s: float = Field(30.0, ge=0, description="Cap of the doubling respawn delay.")
+    max_restarts: int = Field(
+        10, ge=0, description="Respawns allowed per slot within restart_window_s; beyond it the slot stays dead."
+    )
+    restart_window_s: float = Field(600.0, gt=0, description="Sliding window for max_restarts.")
+    shutdown_timeout_s: float = Field(
+        10.0, ge=0, description="At shutdown, how long a worker may take to exit before terminate, then kill."
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _valid_devices(cls, devices: Literal["auto"] | list[str]) -> Literal["auto"] | list[str]:
+        if devices == "auto":
+            return devices
+        if not devices:
+            raise ValueError('give at least one device, or "auto"')
+        for device in devices:
+            if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+                raise ValueError(f"device {device!r} is neither 'cpu' nor 'cuda:N'")
+        return devices
+
+
+class QueueConfig(_Section):
+    max_size: int = Field(100, ge=1, description="Jobs waiting in the global queue; beyond it requests get 503.")
+    task_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a job may take from submission to result; then 408 and it is cancelled."
+    )
+
+
+class DefaultsConfig(_Section):
+    width: int = Field(1024, description="Output width when a request gives none.")
+    height: int = Field(1024, description="Output height when a request gives none.")
+    num_inference_steps: int = Field(50, description="Denoising steps when a request gives none.")
+    cfg: float = Field(3.5, description="Guidance scale when a request gives none.")
+    fill_cfg: float = Field(30.0, description="Guidance scale of fill jobs when a request gives none (as FLUX.1-Fill).")
+    seed: int = Field(42, description="Seed when a request gives none; -1 picks a random one.")
+    strength: float = Field(0.8, gt=0, le=1, description="img2img strength when a request gives none.")
+    priority: int = Field(0, description="Priority when a request gives none; lower runs first.")
+    controlnet_type: str = Field("canny", description="controlnet_type when a request gives none.")
+
+
+class LimitsConfig(_Section):
+    min_size: int = Field(64, ge=16, description="Smallest width/height accepted.")
+    max_size: int = Field(2048, ge=16, description="Largest width/height accepted.")
+    min_steps: int = Field(1, ge=1, description="Fewest denoising steps accepted.")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps accepted.")
+    max_cfg: float = Field(50.0, gt=0, description="Largest guidance scale accepted.")
+    max_upload_mb: float = Field(50.0, gt=0, description="Largest image accepted, per image, after base64 decoding.")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest input image (width × height) accepted: guards against decompression bombs."
+    )
+    max_prompt_chars: int = Field(20000, ge=1, description="Longest prompt accepted.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsConfig:
+        if self.min_size > self.max_size:
+            raise ValueError("limits.min_size must not exceed limits.max_size")
+        if self.min_steps > self.max_steps:
+            raise ValueError("limits.min_steps must not exceed limits.max_steps")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    fill: FillConfig = Field(default_factory=FillConfig)
+    controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Config:
+        d, lim = self.defaults, self.limits
+        for name in ("width", "height"):
+            value = getattr(d, name)
+            if not lim.min_size <= value <= lim.max_size:
+                raise ValueError(f"defaults.{name}={value} is outside limits {lim.min_size}..{lim.max_size}")
+        if not lim.min_steps <= d.num_inference_steps <= lim.max_steps:
+            raise ValueError(f"defaults.num_inference_steps={d.num_inference_steps} is outside the step limits")
+        return self
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        return not self.model.path
+
+    def served_modes(self) -> tuple[tuple[Mode, ...], list[str]]:
+        """Modes the workers will serve, and why any listed mode is left out (a real model without its weights)."""
+        modes: list[Mode] = []
+        notes: list[str] = []
+        for mode in self.model.modes:
+            if mode == "fill" and not self.uses_embedded_model and not self.fill.path:
+                notes.append("fill is disabled: set fill.path to a FLUX.1-Fill-dev folder to serve it")
+            elif mode == "controlnet" and not self.uses_embedded_model and not self.controlnet.path:
+                notes.append("controlnet is disabled: set controlnet.path to a FLUX ControlNet folder to serve it")
+            else:
+                modes.append(mode)
+        return tuple(modes), notes
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Env values are YAML scalars or flow lists, so `8`, `true`, `[cuda:0, cuda:1]` all mean what they say."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        if name in ENV_SHORTCUTS:
+            section, field = ENV_SHORTCUTS[name]
+        elif "__" in name:
+            section, _, field = name[len(ENV_PREFIX) :].lower().partition("__")
+        else:
+            known = ", ".join(sorted([*ENV_SHORTCUTS, ENV_CONFIG_FILE]))
+            raise ConfigError(
+                f"unknown environment variable {name}: use GENSERVE_<SECTION>__<FIELD> or one of {known}"
+            )
+        section_model = Config.model_fields.get(section)
+        if section_model is None or section_model.annotation is None:
+            raise ConfigError(f"environment variable {name}: no config section {section!r}")
+        if field not in section_model.annotation.model_fields:
+            raise ConfigError(f"environment variable {name}: section {section!r} has no field {field!r}")
+        value = _parse_env_value(raw)
+        # Strings that YAML would turn into numbers (a host like 0.0.0.0 is fine; a path "123" is not a number).
+        if isinstance(value, (int, float)) and section_model.annotation.model_fields[field].annotation is str:
+            value = raw
+        overrides.setdefault(section, {})[field] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, fields in overrides.items():
+        current = merged.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        merged[section] = {**current, **fields}
+    return merged
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{key}: {message}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    environ = os.environ if environ is None else environ
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_CONFIG_FILE):
+        return Path(environ[ENV_CONFIG_FILE])
+    default = Path("config.yaml")
+    return default if default.is_file() else None
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration. Raises ConfigError naming the bad key."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def expand_path(value: str) -> Path:
+    return Path(value).expanduser()

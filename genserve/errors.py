@@ -1,0 +1,94 @@
+"""The error hierarchy of the API process.
+
+Every failure a client can see is one of these; each class carries its HTTP status and a stable ``error_type``.
+``genserve.http_errors`` is the one place that turns them (and framework errors) into HTTP responses.
+Split as vLLM does: "this request is bad / this job failed" versus "the service cannot take work right now".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GenServeError(Exception):
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        # Request facts the native error body echoes (task_id, model_id, mode); filled in by the route.
+        self.context: dict[str, Any] = {}
+
+    def with_context(self, **context: Any) -> GenServeError:
+        for key, value in context.items():
+            self.context.setdefault(key, value)
+        return self
+
+
+# --- the request is at fault (4xx) -------------------------------------------------------------------------------
+
+
+class BadRequest(GenServeError):
+    status_code = 400
+    error_type = "bad_request"
+
+
+class NotFound(GenServeError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class PayloadTooLarge(GenServeError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+# --- the service cannot take the work now (503) ------------------------------------------------------------------
+
+
+class ServiceUnavailable(GenServeError):
+    status_code = 503
+    error_type = "unavailable"
+
+
+class NotReady(ServiceUnavailable):
+    error_type = "not_ready"
+
+
+class QueueFull(ServiceUnavailable):
+    error_type = "queue_full"
+
+
+class ShuttingDown(ServiceUnavailable):
+    error_type = "shutting_down"
+
+
+# --- an accepted job did not produce an image --------------------------------------------------------------------
+
+
+class JobTimeout(GenServeError):
+    status_code = 408
+    error_type = "timeout"
+
+
+class JobCanceled(GenServeError):
+    status_code = 409
+    error_type = "canceled"
+
+
+class JobFailed(GenServeError):
+    """The pipeline raised inside a worker; the worker itself is fine."""
+
+    status_code = 500
+    error_type = "job_failed"
+
+    def __init__(self, message: str, *, worker_error_type: str = "") -> None:
+        super().__init__(message)
+        self.worker_error_type = worker_error_type
+
+
+class WorkerDied(GenServeError):
+    status_code = 500
+    error_type = "worker_died"

@@ -1,0 +1,158 @@
+"""From a parsed request to a job a worker can run without checking anything: defaults, configured limits, size
+snapping, the images each mode needs (decoded, validated, resized), seed resolution.
+
+Runs in the API process, in a worker thread (image decoding is CPU work the event loop must not do). Raises
+BadRequest / PayloadTooLarge naming the field; nothing is queued until this returns.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Mapping
+
+from genserve.config import Config
+from genserve.errors import BadRequest
+from genserve.images import DecodedImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
+from genserve.messages import JobRequest, Mode, RawImage
+from genserve.schemas import MAX_SEED, GenerateRequest
+
+# Control modes of a union FLUX ControlNet (InstantX / Shakker-Labs Union order).
+CONTROL_MODES: dict[str, int] = {
+    "canny": 0,
+    "tile": 1,
+    "depth": 2,
+    "blur": 3,
+    "pose": 4,
+    "openpose": 4,
+    "gray": 5,
+    "lq": 6,
+    "low_quality": 6,
+}
+
+# Images each mode cannot run without. controlnet takes input_image too (ControlNet img2img) but does not need it.
+REQUIRED_IMAGES: dict[Mode, tuple[str, ...]] = {
+    "text2img": (),
+    "img2img": ("input_image",),
+    "fill": ("input_image", "mask_image"),
+    "controlnet": ("control_image",),
+}
+USED_IMAGES: dict[Mode, tuple[str, ...]] = {
+    "text2img": (),
+    "img2img": ("input_image",),
+    "fill": ("input_image", "mask_image"),
+    "controlnet": ("control_image", "input_image"),
+}
+
+SIZE_MULTIPLE = 16  # FLUX packs 2×2 latent patches of an 8× VAE
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    request: JobRequest
+    priority: int
+    model_id: str
+
+
+EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
+
+
+def snap_size(value: int) -> int:
+    """Round down to a multiple of 16, as FLUX needs."""
+    return value - value % SIZE_MULTIPLE
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def resolve_model_id(requested: str | None, config: Config) -> str:
+    if requested is None or requested in (config.model.id, config.model.name):
+        return config.model.id
+    raise BadRequest(f"unknown model_id {requested!r}; this server serves {config.model.id!r}")
+
+
+def resolve_control_mode(controlnet_type: str | None, config: Config) -> int:
+    name = (controlnet_type or config.defaults.controlnet_type).strip().lower()
+    if name not in CONTROL_MODES:
+        raise BadRequest(f"unknown controlnet_type {name!r}; use one of {', '.join(CONTROL_MODES)}")
+    return CONTROL_MODES[name]
+
+
+def resolve_seed(seed: int | None, config: Config) -> int:
+    seed = config.defaults.seed if seed is None else seed
+    return random.randint(0, MAX_SEED) if seed == -1 else seed
+
+
+def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[str, DecodedImage]:
+    limits = config.limits
+    decoded: dict[str, DecodedImage] = {}
+    for field in USED_IMAGES[mode]:
+        value = images.get(field)
+        if value is None or (isinstance(value, (str, bytes)) and len(value) == 0):
+            continue
+        data = decode_base64_field(value, field, limits.max_upload_bytes) if isinstance(value, str) else value
+        decoded[field] = decode_image(data, field, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels)
+    return decoded
+
+
+def prepare_job(
+    req: GenerateRequest, images: EncodedImages, config: Config, enabled_modes: tuple[Mode, ...]
+) -> PreparedJob:
+    """Validate ``req`` against the configuration and build the worker's JobRequest."""
+    defaults, limits = config.defaults, config.limits
+    model_id = resolve_model_id(req.model_id, config)
+    mode = req.mode
+    if mode not in enabled_modes:
+        raise BadRequest(f"mode {mode!r} is not enabled on this server (enabled: {', '.join(enabled_modes)})")
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt is {len(req.prompt)} characters, more than the limit of {limits.max_prompt_chars}")
+
+    width = defaults.width if req.width is None else req.width
+    height = defaults.height if req.height is None else req.height
+    _check_range("width", width, limits.min_size, limits.max_size)
+    _check_range("height", height, limits.min_size, limits.max_size)
+    width, height = snap_size(width), snap_size(height)
+    steps = defaults.num_inference_steps if req.num_inference_steps is None else req.num_inference_steps
+    _check_range("num_inference_steps", steps, limits.min_steps, limits.max_steps)
+    cfg = req.cfg if req.cfg is not None else (defaults.fill_cfg if mode == "fill" else defaults.cfg)
+    _check_range("cfg", cfg, 0, limits.max_cfg)
+    strength = defaults.strength if req.strength is None else req.strength
+    control_mode = resolve_control_mode(req.controlnet_type, config) if mode == "controlnet" else None
+
+    missing = [field for field in REQUIRED_IMAGES[mode] if not images.get(field)]
+    if missing:
+        raise BadRequest(f"mode {mode!r} requires {' and '.join(missing)}")
+    decoded = _decode_images(mode, images, config)
+    if mode == "fill":
+        input_size, mask_size = decoded["input_image"].image.size, decoded["mask_image"].image.size
+        if input_size != mask_size:
+            raise BadRequest(
+                f"mask_image is {mask_size[0]}x{mask_size[1]} but input_image is {input_size[0]}x{input_size[1]}; "
+                "they must match"
+            )
+
+    def rgb(field: str) -> RawImage | None:
+        return to_raw_rgb(decoded[field], width, height) if field in decoded else None
+
+    request = JobRequest(
+        job_id=uuid.uuid4().hex,
+        mode=mode,
+        prompt=req.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=float(cfg),
+        seed=resolve_seed(req.seed, config),
+        strength=float(strength),
+        input_image=rgb("input_image"),
+        mask_image=to_raw_mask(decoded["mask_image"], width, height) if "mask_image" in decoded else None,
+        control_image=rgb("control_image"),
+        control_mode=control_mode,
+        controlnet_conditioning_scale=config.controlnet.conditioning_scale,
+    )
+    priority = defaults.priority if req.priority is None else req.priority
+    return PreparedJob(request=request, priority=priority, model_id=model_id)
+

@@ -1,0 +1,94 @@
+"""Request and response bodies of the native GenServe API (seed 001), with seed 000's aliases.
+
+Only bounds that do not depend on configuration live here; the configured limits (size, steps, prompt length) are
+checked in ``genserve.prepare`` so the message can quote them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from genserve.messages import Mode
+
+MAX_SEED = 2**63 - 1
+IMAGE_FIELDS = ("input_image", "mask_image", "control_image")
+
+
+class GenerateRequest(BaseModel):
+    """Fields of POST /generate (JSON) and POST /generate/img2img (form-data). Unset fields take config defaults."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: str = Field(description="Text prompt.")
+    model_id: str | None = Field(None, description="Model to use; the server's model when omitted.")
+    mode: Mode = Field("text2img", description="text2img | img2img | fill | controlnet.")
+    width: int | None = Field(None, description="Output width; snapped down to a multiple of 16.")
+    height: int | None = Field(None, description="Output height; snapped down to a multiple of 16.")
+    num_inference_steps: int | None = Field(
+        None, validation_alias=AliasChoices("num_inference_steps", "steps"), description="Denoising steps (alias steps)."
+    )
+    cfg: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        ge=0,
+        validation_alias=AliasChoices("cfg", "guidance_scale"),
+        description="Guidance scale (alias guidance_scale). Default 3.5, 30 for fill.",
+    )
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Random seed; -1 picks one and reports it.")
+    priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="Lower runs first; FIFO within one.")
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="img2img strength, (0, 1].")
+    controlnet_type: str | None = Field(None, description="canny | tile | depth | blur | openpose | gray | lq.")
+    input_image: str | None = Field(None, description="Base64 or data: URI (JSON); a file (form-data).")
+    mask_image: str | None = Field(None, description="Fill mask, white = repaint; same size as input_image.")
+    control_image: str | None = Field(None, description="ControlNet conditioning image.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_case(cls, mode: Any) -> Any:
+        return mode.strip().lower() if isinstance(mode, str) else mode
+
+
+class GenerateResponse(BaseModel):
+    """GenServe's response, plus the effective parameters and timings. Errors keep the shape with success false."""
+
+    success: bool
+    task_id: str | None
+    image_base64: str | None
+    error: str | None
+    elapsed_time: float = Field(description="Seconds from request to response, on the server.")
+    gpu_id: str | None = Field(description="Device that ran the job (cuda:N, or cpu).")
+    model_id: str | None
+    mode: str | None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    cfg: float | None = None
+    strength: float | None = None
+    priority: int | None = None
+    worker_id: int | None = None
+    timings: dict[str, float] | None = Field(
+        None, description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s."
+    )
+
+
+class ErrorResponse(BaseModel):
+    success: Literal[False] = False
+    task_id: str | None = None
+    image_base64: None = None
+    error: str
+    detail: str
+    error_type: str
+    elapsed_time: float = 0.0
+    gpu_id: None = None
+    model_id: str | None = None
+    mode: str | None = None

@@ -1,0 +1,183 @@
+"""Pipeline loading and execution inside a worker process.
+
+All pipelines are loaded once and kept ("pinned") for the worker's life, sharing weights:
+- text2img: ``FluxPipeline.from_pretrained(model path)``;
+- img2img: ``FluxImg2ImgPipeline.from_pipe(base)`` (same modules, no extra memory);
+- fill: ``FluxFillPipeline`` with the FLUX.1-Fill transformer, sharing the base's text encoders and VAE;
+- controlnet: ``FluxControlNetPipeline.from_pipe(base, controlnet=…)``, plus the ControlNet img2img variant used
+  when a job also carries an input image.
+The embedded random-weight model goes through exactly the same ``from_pretrained`` code as real FLUX.1-dev.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from genserve.images import encode_png, raw_to_pil
+from genserve.messages import JobRequest, Mode, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    png: bytes
+    width: int
+    height: int
+    pipeline_s: float
+    encode_s: float
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _transformer_folder(path: Path) -> tuple[Path, str | None]:
+    """A FLUX.1-Fill-dev repo folder keeps the transformer in transformer/; a bare transformer folder works too."""
+    if (path / "transformer" / "config.json").is_file():
+        return path, "transformer"
+    return path, None
+
+
+class PipelineSet:
+    """Every enabled pipeline of one worker, on one device."""
+
+    def __init__(self, device: str, modes: tuple[Mode, ...], pipes: dict[str, Any], embedded: bool) -> None:
+        self.device = device
+        self.modes = modes
+        self.embedded = embedded
+        self._pipes = pipes
+
+    @classmethod
+    def load(cls, spec: WorkerSpec) -> PipelineSet:
+        from diffusers import (
+            FluxControlNetImg2ImgPipeline,
+            FluxControlNetModel,
+            FluxControlNetPipeline,
+            FluxFillPipeline,
+            FluxImg2ImgPipeline,
+            FluxPipeline,
+            FluxTransformer2DModel,
+        )
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        device = spec.device
+        if device == "cpu" and spec.cpu_threads:
+            torch.set_num_threads(spec.cpu_threads)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dtype = resolve_dtype(spec.dtype, device)
+
+        model_path, fill_path, controlnet_path = spec.model_path, spec.fill_path, spec.controlnet_path
+        embedded = not model_path
+        if embedded:
+            from workers.embedded import ensure_embedded_model
+
+            paths = ensure_embedded_model(Path(spec.embedded_cache_dir))
+            model_path, fill_path, controlnet_path = str(paths.base), str(paths.fill), str(paths.controlnet)
+            log.warning(
+                "serving the EMBEDDED RANDOM-WEIGHT TEST MODEL from %s: images are noise. "
+                "Set model.path to a FLUX.1-dev folder for real images.",
+                model_path,
+            )
+
+        log.info("loading FLUX base pipeline from %s (%s, %s)", model_path, device, dtype)
+        base = FluxPipeline.from_pretrained(model_path, torch_dtype=dtype).to(device)
+        pipes: dict[str, Any] = {"text2img": base}
+        if "img2img" in spec.modes:
+            pipes["img2img"] = FluxImg2ImgPipeline.from_pipe(base)
+        if "fill" in spec.modes:
+            folder, subfolder = _transformer_folder(Path(fill_path))
+            log.info("loading Fill transformer from %s", folder / (subfolder or ""))
+            fill_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+            pipes["fill"] = FluxFillPipeline(
+                scheduler=base.scheduler,
+                vae=base.vae,
+                text_encoder=base.text_encoder,
+                tokenizer=base.tokenizer,
+                text_encoder_2=base.text_encoder_2,
+                tokenizer_2=base.tokenizer_2,
+                transformer=fill_transformer.to(device),
+            )
+        if "controlnet" in spec.modes:
+            log.info("loading ControlNet from %s", controlnet_path)
+            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, torch_dtype=dtype).to(device)
+            pipes["controlnet"] = FluxControlNetPipeline.from_pipe(base, controlnet=controlnet)
+            pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline.from_pipe(base, controlnet=controlnet)
+        for pipe in pipes.values():
+            pipe.set_progress_bar_config(disable=True)
+        modes = tuple(mode for mode in spec.modes if mode in pipes)
+        return cls(device=device, modes=modes, pipes=pipes, embedded=embedded)
+
+    def run(self, job: JobRequest, on_step: StepCallback) -> JobOutput:
+        """Run one job; ``on_step`` may raise to stop the denoising loop at once."""
+        pipe_name, kwargs = self._arguments(job)
+        pipe = self._pipes[pipe_name]
+
+        def step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            # Raising here (rather than setting pipe._interrupt) leaves the loop at once and also skips the
+            # VAE decode of a picture nobody will receive.
+            on_step(step + 1, int(getattr(pipeline, "num_timesteps", 0) or job.num_inference_steps))
+            return callback_kwargs
+
+        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            image = pipe(
+                prompt=job.prompt,
+                width=job.width,
+                height=job.height,
+                num_inference_steps=job.num_inference_steps,
+                guidance_scale=job.guidance_scale,
+                generator=generator,
+                callback_on_step_end=step_end,
+                output_type="pil",
+                **kwargs,
+            ).images[0]
+        pipeline_s = time.perf_counter() - began
+        png = encode_png(image)
+        return JobOutput(
+            png=png,
+            width=image.width,
+            height=image.height,
+            pipeline_s=pipeline_s,
+            encode_s=time.perf_counter() - began - pipeline_s,
+        )
+
+    def _arguments(self, job: JobRequest) -> tuple[str, dict[str, Any]]:
+        """Which pipeline runs the job, and the mode-specific keyword arguments."""
+        if job.mode == "text2img":
+            return "text2img", {}
+        if job.mode == "img2img":
+            assert job.input_image is not None
+            return "img2img", {"image": raw_to_pil(job.input_image), "strength": job.strength}
+        if job.mode == "fill":
+            assert job.input_image is not None and job.mask_image is not None
+            return "fill", {"image": raw_to_pil(job.input_image), "mask_image": raw_to_pil(job.mask_image)}
+        assert job.control_image is not None
+        kwargs: dict[str, Any] = {
+            "control_image": raw_to_pil(job.control_image),
+            "controlnet_conditioning_scale": job.controlnet_conditioning_scale,
+        }
+        union = getattr(self._pipes["controlnet"].controlnet.config, "num_mode", None)
+        kwargs["control_mode"] = job.control_mode if union else None
+        if job.input_image is not None:
+            kwargs.update(image=raw_to_pil(job.input_image), strength=job.strength)
+            return "controlnet_img2img", kwargs
+        return "controlnet", kwargs
+
+    def classify_error(self, exc: BaseException) -> str:
+        if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+            return "out_of_memory"
+        return type(exc).__name__
