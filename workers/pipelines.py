@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,21 @@ def _transformer_folder(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
+def _quiet_library_noise() -> None:
+    """Silence messages that say nothing to an operator (must run before diffusers is imported)."""
+    # transformers: "CLIPImageProcessor requires torchvision" — Flux never uses an image processor.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    # diffusers: "modules that should be kept in float32: []" on every from_pipe (an always-true check).
+    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per module
+    except ImportError:
+        pass
+
+
 class PipelineSet:
     """Every enabled pipeline of one worker, on one device."""
 
@@ -60,6 +76,7 @@ class PipelineSet:
 
     @classmethod
     def load(cls, spec: WorkerSpec) -> PipelineSet:
+        _quiet_library_noise()
         from diffusers import (
             FluxControlNetImg2ImgPipeline,
             FluxControlNetModel,
@@ -93,14 +110,16 @@ class PipelineSet:
             )
 
         log.info("loading FLUX base pipeline from %s (%s, %s)", model_path, device, dtype)
-        base = FluxPipeline.from_pretrained(model_path, torch_dtype=dtype).to(device)
+        base = FluxPipeline.from_pretrained(model_path, dtype=dtype).to(device)
         pipes: dict[str, Any] = {"text2img": base}
+        # from_pipe casts the shared modules to its own dtype argument (float32 by default): always pass ours,
+        # or a bf16 base silently becomes fp32 and doubles its memory.
         if "img2img" in spec.modes:
-            pipes["img2img"] = FluxImg2ImgPipeline.from_pipe(base)
+            pipes["img2img"] = FluxImg2ImgPipeline.from_pipe(base, dtype=dtype)
         if "fill" in spec.modes:
             folder, subfolder = _transformer_folder(Path(fill_path))
             log.info("loading Fill transformer from %s", folder / (subfolder or ""))
-            fill_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+            fill_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
             pipes["fill"] = FluxFillPipeline(
                 scheduler=base.scheduler,
                 vae=base.vae,
@@ -112,9 +131,11 @@ class PipelineSet:
             )
         if "controlnet" in spec.modes:
             log.info("loading ControlNet from %s", controlnet_path)
-            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, torch_dtype=dtype).to(device)
-            pipes["controlnet"] = FluxControlNetPipeline.from_pipe(base, controlnet=controlnet)
-            pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline.from_pipe(base, controlnet=controlnet)
+            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, dtype=dtype).to(device)
+            pipes["controlnet"] = FluxControlNetPipeline.from_pipe(base, controlnet=controlnet, dtype=dtype)
+            pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline.from_pipe(
+                base, controlnet=controlnet, dtype=dtype
+            )
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
         modes = tuple(mode for mode in spec.modes if mode in pipes)

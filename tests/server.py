@@ -1,0 +1,165 @@
+"""A real GenServe server for the end-to-end tests: ``python -m genserve`` as a subprocess on a free port.
+
+Tests talk plain HTTP to it (requests) and inspect its worker processes by pid (psutil), exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import requests
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class GenServeProcess:
+    def __init__(self, workdir: Path, embedded_cache: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.log_path = workdir / "server.log"
+        config: dict[str, Any] = {
+            "server": {"port": self.port, "log_level": "info", "shutdown_grace_s": 20},
+            "model": {"embedded_cache_dir": str(embedded_cache)},
+            # Small defaults keep tests that leave fields out fast; tests that check GenServe's own defaults
+            # read them from a fresh Config instead.
+            "defaults": {"width": 128, "height": 128, "num_inference_steps": 2},
+            "workers": {"restart_backoff_s": 0.2},
+        }
+        for section, fields in (overrides or {}).items():
+            config.setdefault(section, {}).update(fields)
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 180) -> GenServeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "genserve", "--config", str(self.config_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._answers, timeout, 0.1, "the server to answer /health")
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            return requests.get(f"{self.url}/health", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        wait_until(
+            lambda: requests.get(f"{self.url}/ready", timeout=2).status_code == 200, timeout, 0.1, "/ready"
+        )
+
+    def wait_full_strength(self, timeout: float = 180) -> dict[str, Any]:
+        """Every worker loaded and idle."""
+
+        def all_ready() -> dict[str, Any] | None:
+            status = self.status()
+            return status if all(w["state"] == "ready" for w in status["workers"]) else None
+
+        return wait_until(all_ready, timeout, 0.05, "all workers ready")
+
+    def status(self) -> dict[str, Any]:
+        return requests.get(f"{self.url}/status", timeout=5).json()
+
+    def generate(self, timeout: float = 120, **fields: Any) -> requests.Response:
+        fields.setdefault("prompt", "a lighthouse at dusk")
+        return requests.post(f"{self.url}/generate", json=fields, timeout=timeout)
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"] if w["pid"]]
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for child in children:  # never leave a worker behind, even if the server misbehaved
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+# --- images the tests send --------------------------------------------------------------------------------------
+
+
+def png_bytes(size: tuple[int, int], color: tuple[int, ...] = (200, 80, 40), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_png(size: tuple[int, int]) -> bytes:
+    """Black with a white rectangle in the middle: repaint the middle."""
+    mask = Image.new("L", size, 0)
+    w, h = size
+    mask.paste(255, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_png(image_base64: str) -> Image.Image:
+    data = base64.b64decode(image_base64)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "response image is not a PNG"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
