@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genserve.messages import ALL_MODES, Mode
+
+# Control modes of a union FLUX ControlNet (InstantX / Shakker-Labs Union order), by controlnet_type.
+CONTROL_MODES: dict[str, int] = {
+    "canny": 0,
+    "tile": 1,
+    "depth": 2,
+    "blur": 3,
+    "pose": 4,
+    "openpose": 4,
+    "gray": 5,
+    "lq": 6,
+    "low_quality": 6,
+}
 
 ENV_PREFIX = "GENSERVE_"
 # Short names for the fields people set most; everything else uses GENSERVE_<SECTION>__<FIELD>.
@@ -145,12 +158,21 @@ class DefaultsConfig(_Section):
     width: int = Field(1024, description="Output width when a request gives none.")
     height: int = Field(1024, description="Output height when a request gives none.")
     num_inference_steps: int = Field(50, description="Denoising steps when a request gives none.")
-    cfg: float = Field(3.5, description="Guidance scale when a request gives none.")
-    fill_cfg: float = Field(30.0, description="Guidance scale of fill jobs when a request gives none (as FLUX.1-Fill).")
-    seed: int = Field(42, description="Seed when a request gives none; -1 picks a random one.")
+    cfg: float = Field(3.5, ge=0, description="Guidance scale when a request gives none.")
+    fill_cfg: float = Field(
+        30.0, ge=0, description="Guidance scale of fill jobs when a request gives none (as FLUX.1-Fill)."
+    )
+    seed: int = Field(42, ge=-1, le=2**63 - 1, description="Seed when a request gives none; -1 picks a random one.")
     strength: float = Field(0.8, gt=0, le=1, description="img2img strength when a request gives none.")
     priority: int = Field(0, description="Priority when a request gives none; lower runs first.")
     controlnet_type: str = Field("canny", description="controlnet_type when a request gives none.")
+
+    @field_validator("controlnet_type")
+    @classmethod
+    def _known_control_type(cls, name: str) -> str:
+        if name.strip().lower() not in CONTROL_MODES:
+            raise ValueError(f"unknown controlnet_type {name!r}; use one of {', '.join(CONTROL_MODES)}")
+        return name.strip().lower()
 
 
 class LimitsConfig(_Section):
@@ -197,6 +219,9 @@ class Config(_Section):
                 raise ValueError(f"defaults.{name}={value} is outside limits {lim.min_size}..{lim.max_size}")
         if not lim.min_steps <= d.num_inference_steps <= lim.max_steps:
             raise ValueError(f"defaults.num_inference_steps={d.num_inference_steps} is outside the step limits")
+        for name in ("cfg", "fill_cfg"):
+            if getattr(d, name) > lim.max_cfg:
+                raise ValueError(f"defaults.{name}={getattr(d, name)} is above limits.max_cfg={lim.max_cfg}")
         return self
 
     @property
@@ -225,6 +250,12 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
+def _is_text_field(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    return get_origin(annotation) is Literal and all(isinstance(arg, str) for arg in get_args(annotation))
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
@@ -244,10 +275,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"environment variable {name}: no config section {section!r}")
         if field not in section_model.annotation.model_fields:
             raise ConfigError(f"environment variable {name}: section {section!r} has no field {field!r}")
-        value = _parse_env_value(raw)
-        # Strings that YAML would turn into numbers (a host like 0.0.0.0 is fine; a path "123" is not a number).
-        if isinstance(value, (int, float)) and section_model.annotation.model_fields[field].annotation is str:
-            value = raw
+        annotation = section_model.annotation.model_fields[field].annotation
+        # Text fields take the value verbatim ("::", "FLUX #1", "123" stay strings); others are YAML scalars/lists.
+        value = raw if _is_text_field(annotation) else _parse_env_value(raw)
         overrides.setdefault(section, {})[field] = value
     return overrides
 

@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from genserve.errors import BadRequest, PayloadTooLarge
 from genserve.messages import RawImage
@@ -51,12 +51,16 @@ def decode_base64_field(value: str, field: str, max_bytes: int) -> bytes:
         if mime and not mime.startswith("image/"):
             raise BadRequest(f"{field}: data URI has media type {mime!r}, expected image/*")
         text = text[match.end() :]
-    if not text:
-        raise BadRequest(f"{field} is empty")
-    # Every 4 base64 characters carry 3 bytes: refuse before spending time and memory on decoding.
-    if len(text) * 3 // 4 > max_bytes + 3:
+    # Coarse check first: even wrapped at 64 columns, base64 carries more than 3 bytes per 4.1 characters, so
+    # anything this long is over the limit and need not be copied and cleaned.
+    if len(text) * 3 // 4 > (max_bytes + 3) * 1.05:
         raise PayloadTooLarge(f"{field} is larger than the {_megabytes(max_bytes)} limit per image")
     raw = _WHITESPACE.sub(b"", text.encode("ascii", errors="replace"))  # clients may wrap lines
+    if not raw:
+        raise BadRequest(f"{field} is empty")
+    # Every 4 base64 characters carry 3 bytes: refuse before spending time and memory on decoding.
+    if len(raw) * 3 // 4 > max_bytes + 3:
+        raise PayloadTooLarge(f"{field} is larger than the {_megabytes(max_bytes)} limit per image")
     if len(raw) % 4:
         raw += b"=" * (-len(raw) % 4)  # tolerate stripped padding
     try:
@@ -100,13 +104,28 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
         raise BadRequest(f"{field} declares more pixels than the limit of {max_pixels}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadRequest(f"{field} is truncated or corrupt ({fmt}: {exc})") from None
+    # Phone photos store their rotation in EXIF; the client means the picture as it is shown.
+    image = ImageOps.exif_transpose(image) or image
     return DecodedImage(field=field, image=image, format=fmt)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit greyscale (depth maps are often 16-bit PNG) scaled to 8 bits instead of clipped at 255."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode == "I":
+        high = image.getextrema()[1]
+        scale = 1 / 256 if isinstance(high, int) and high > 255 else 1
+        return image.point(lambda value: value * scale).convert("L")
+    if image.mode == "F":
+        return image.convert("L")
+    return image
 
 
 def to_raw_rgb(decoded: DecodedImage, width: int, height: int) -> RawImage:
     """A picture, flattened onto white if it has transparency, resized to the output size."""
-    image = decoded.image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    image = _to_8bit(decoded.image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -118,7 +137,7 @@ def to_raw_rgb(decoded: DecodedImage, width: int, height: int) -> RawImage:
 
 def to_raw_mask(decoded: DecodedImage, width: int, height: int) -> RawImage:
     """A mask as 8-bit grey (white = repaint), resized to the output size."""
-    image = decoded.image.convert("L")
+    image = _to_8bit(decoded.image).convert("L")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     return RawImage(width=width, height=height, mode="L", data=image.tobytes())

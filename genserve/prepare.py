@@ -12,24 +12,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Mapping
 
-from genserve.config import Config
+from genserve.config import CONTROL_MODES, Config
 from genserve.errors import BadRequest
 from genserve.images import DecodedImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
 from genserve.messages import JobRequest, Mode, RawImage
 from genserve.schemas import MAX_SEED, GenerateRequest
-
-# Control modes of a union FLUX ControlNet (InstantX / Shakker-Labs Union order).
-CONTROL_MODES: dict[str, int] = {
-    "canny": 0,
-    "tile": 1,
-    "depth": 2,
-    "blur": 3,
-    "pose": 4,
-    "openpose": 4,
-    "gray": 5,
-    "lq": 6,
-    "low_quality": 6,
-}
 
 # Images each mode cannot run without. controlnet takes input_image too (ControlNet img2img) but does not need it.
 REQUIRED_IMAGES: dict[Mode, tuple[str, ...]] = {
@@ -65,7 +52,7 @@ def snap_size(value: int) -> int:
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value}")
 
 
 def resolve_model_id(requested: str | None, config: Config) -> str:

@@ -77,7 +77,7 @@ class GenerateResponse(BaseModel):
     priority: int | None = None
     worker_id: int | None = None
     timings: dict[str, float] | None = Field(
-        None, description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s."
+        None, description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s)."
     )
 
 

@@ -140,6 +140,7 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
             "pipeline_s": round(result.pipeline_s, 6),
             "encode_s": round(result.encode_s, 6),
             "total_s": round(elapsed, 6),
+            "started_at": result.started_at,
         },
     )
     return body.model_dump_json().encode()

@@ -156,7 +156,7 @@ def test_position_and_ordered_agree_with_pop_order() -> None:
     queue: PriorityQueue[Item] = PriorityQueue(max_size=20)
     items = [Item(f"i{n}") for n in range(8)]
     priorities = [2, 0, 1, 0, 2, -1, 1, 0]
-    for item, priority in zip(items, priorities):
+    for item, priority in zip(items, priorities, strict=True):
         queue.push(item, priority)
     queue.push_front(Item("retried"), 1)
     queue.remove(items[3])
@@ -219,7 +219,11 @@ def test_random_priorities_pop_in_priority_then_insertion_order() -> None:
     removed = set(rng.sample(range(len(pushed)), 30))
     for index in removed:
         assert queue.remove(pushed[index][2])
-    expected = [item for priority, sequence, item in sorted(pushed, key=lambda e: (e[0], e[1])) if sequence not in removed]
+    expected = [
+        item
+        for priority, sequence, item in sorted(pushed, key=lambda e: (e[0], e[1]))
+        if sequence not in removed
+    ]
 
     assert list(queue.ordered()) == expected
     assert drain(queue) == expected
