@@ -2,6 +2,7 @@
 # GenServe launcher.
 #   ./run.sh [--config PATH]     create/reuse .venv, install, serve on http://127.0.0.1:12411
 #   ./run.sh test [PYTEST ARGS]  install the test extras too, run the test suite
+#   ./run.sh lint                ruff (lint + format check) and mypy
 # TORCH_SPEC overrides the torch requirement (default torch==2.13.0; e.g. a CUDA build on GPU hosts).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,8 +37,14 @@ case "${1:-serve}" in
     ensure_env test
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  lint)
+    ensure_env test
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    exec "$VENV/bin/mypy" genserve workers tools
+    ;;
   serve)
-    [ $# -gt 0 ] && shift
+    shift
     ensure_env ""
     exec "$VENV/bin/python" -m genserve "$@"
     ;;

@@ -16,8 +16,9 @@ This is the only module that reads ``os.environ``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -66,10 +67,14 @@ class ServerConfig(_Section):
     port: int = Field(12411, ge=1, le=65535, description="TCP port of the HTTP server.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     shutdown_grace_s: float = Field(
-        30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish before they are failed."
+        30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long in-flight requests may finish before they are failed.",
     )
     max_request_mb: float = Field(
-        220.0, gt=0, description="Largest request body accepted (JSON with base64 images, or a multipart upload)."
+        220.0,
+        gt=0,
+        description="Largest request body accepted (JSON with base64 images, or a multipart upload).",
     )
 
 
@@ -77,7 +82,8 @@ class ModelConfig(_Section):
     id: str = Field("flux1-dev", min_length=1, description="model_id clients send and /models reports.")
     name: str = Field("FLUX.1-dev", description="Human-readable model name for /models.")
     path: str = Field(
-        "", description="Local diffusers folder of FLUX.1-dev. Empty: build and use the embedded tiny test model."
+        "",
+        description="Local diffusers folder of FLUX.1-dev. Empty: build and use the embedded tiny test model.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype. auto: bfloat16 on CUDA, float32 on CPU."
@@ -116,18 +122,23 @@ class ControlNetConfig(_Section):
 
 class WorkersConfig(_Section):
     devices: Literal["auto"] | list[str] = Field(
-        "auto", description='"auto": every CUDA device, else cpu_workers CPU workers; or a list like [cuda:0, cuda:2].'
+        "auto",
+        description='"auto": every CUDA device, else cpu_workers CPU workers; or a list like [cuda:0, cuda:2].',
     )
     cpu_workers: int = Field(1, ge=1, le=64, description="Number of CPU workers when no CUDA device is used.")
     cpu_threads: int = Field(0, ge=0, description="torch threads per CPU worker; 0 shares the cores out evenly.")
     ready_timeout_s: float = Field(
-        900.0, gt=0, description="How long a worker may take to load its pipelines before it is killed and retried."
+        900.0,
+        gt=0,
+        description="How long a worker may take to load its pipelines before it is killed and retried.",
     )
     heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker says it is alive.")
     restart_backoff_s: float = Field(0.5, ge=0, description="Delay before the first respawn of a dead worker.")
     restart_backoff_max_s: float = Field(30.0, ge=0, description="Cap of the doubling respawn delay.")
     max_restarts: int = Field(
-        10, ge=0, description="Respawns allowed per slot within restart_window_s; beyond it the slot stays dead."
+        10,
+        ge=0,
+        description="Respawns allowed per slot within restart_window_s; beyond it the slot stays dead.",
     )
     restart_window_s: float = Field(600.0, gt=0, description="Sliding window for max_restarts.")
     shutdown_timeout_s: float = Field(
@@ -150,7 +161,9 @@ class WorkersConfig(_Section):
 class QueueConfig(_Section):
     max_size: int = Field(100, ge=1, description="Jobs waiting in the global queue; beyond it requests get 503.")
     task_timeout_s: float = Field(
-        600.0, gt=0, description="Longest a job may take from submission to result; then 408 and it is cancelled."
+        600.0,
+        gt=0,
+        description="Longest a job may take from submission to result; then 408 and it is cancelled.",
     )
 
 
@@ -183,7 +196,9 @@ class LimitsConfig(_Section):
     max_cfg: float = Field(50.0, gt=0, description="Largest guidance scale accepted.")
     max_upload_mb: float = Field(50.0, gt=0, description="Largest image accepted, per image, after base64 decoding.")
     max_input_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest input image (width × height) accepted: guards against decompression bombs."
+        4096 * 4096,
+        ge=1,
+        description="Largest input image (width × height) accepted: guards against decompression bombs.",
     )
     max_prompt_chars: int = Field(20000, ge=1, description="Longest prompt accepted.")
 
@@ -267,9 +282,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             section, _, field = name[len(ENV_PREFIX) :].lower().partition("__")
         else:
             known = ", ".join(sorted([*ENV_SHORTCUTS, ENV_CONFIG_FILE]))
-            raise ConfigError(
-                f"unknown environment variable {name}: use GENSERVE_<SECTION>__<FIELD> or one of {known}"
-            )
+            raise ConfigError(f"unknown environment variable {name}: use GENSERVE_<SECTION>__<FIELD> or one of {known}")
         section_model = Config.model_fields.get(section)
         if section_model is None or section_model.annotation is None:
             raise ConfigError(f"environment variable {name}: no config section {section!r}")

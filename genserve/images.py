@@ -95,9 +95,7 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
     if width < 1 or height < 1:
         raise BadRequest(f"{field} has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise BadRequest(
-            f"{field} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
-        )
+        raise BadRequest(f"{field} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
     try:
         image.load()
     except Image.DecompressionBombError:
@@ -105,8 +103,8 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadRequest(f"{field} is truncated or corrupt ({fmt}: {exc})") from None
     # Phone photos store their rotation in EXIF; the client means the picture as it is shown.
-    image = ImageOps.exif_transpose(image) or image
-    return DecodedImage(field=field, image=image, format=fmt)
+    upright: Image.Image = ImageOps.exif_transpose(image) or image
+    return DecodedImage(field=field, image=upright, format=fmt)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

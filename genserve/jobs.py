@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
 
 from genserve.errors import GenServeError
 from genserve.messages import JobRequest, JobResult

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from genserve.config import CONTROL_MODES, Config
 from genserve.errors import BadRequest
@@ -81,7 +81,9 @@ def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[st
         if value is None or (isinstance(value, (str, bytes)) and len(value) == 0):
             continue
         data = decode_base64_field(value, field, limits.max_upload_bytes) if isinstance(value, str) else value
-        decoded[field] = decode_image(data, field, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels)
+        decoded[field] = decode_image(
+            data, field, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels
+        )
     return decoded
 
 
@@ -142,4 +144,3 @@ def prepare_job(
     )
     priority = defaults.priority if req.priority is None else req.priority
     return PreparedJob(request=request, priority=priority, model_id=model_id)
-

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

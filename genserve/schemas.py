@@ -27,7 +27,9 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(None, description="Output width; snapped down to a multiple of 16.")
     height: int | None = Field(None, description="Output height; snapped down to a multiple of 16.")
     num_inference_steps: int | None = Field(
-        None, validation_alias=AliasChoices("num_inference_steps", "steps"), description="Denoising steps (alias steps)."
+        None,
+        validation_alias=AliasChoices("num_inference_steps", "steps"),
+        description="Denoising steps (alias steps).",
     )
     cfg: float | None = Field(
         None,
@@ -77,7 +79,8 @@ class GenerateResponse(BaseModel):
     priority: int | None = None
     worker_id: int | None = None
     timings: dict[str, float] | None = Field(
-        None, description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s)."
+        None,
+        description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s).",
     )
 
 

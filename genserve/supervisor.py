@@ -22,10 +22,11 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 import torch.multiprocessing as torch_mp
 
@@ -392,7 +393,8 @@ class Supervisor:
         job.finish(
             JobState.FAILED,
             error=JobFailed(
-                f"generation failed: {failure.error_type}: {failure.message}", worker_error_type=failure.error_type
+                f"generation failed: {failure.error_type}: {failure.message}",
+                worker_error_type=failure.error_type,
             ),
         )
 
@@ -404,7 +406,9 @@ class Supervisor:
 
     def _on_death(self, slot: WorkerSlot) -> None:
         process = slot.process
-        process.join(timeout=0)
+        # The sentinel fires when the child's descriptors close, which can be tens of ms before the kernel has
+        # torn down a large torch process and waitpid can report its exit code.
+        process.join(timeout=2)
         exitcode = process.exitcode
         job, slot.job = slot.job, None
         self._close(slot)

@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import requests
@@ -87,9 +88,7 @@ class GenServeProcess:
             return False
 
     def wait_ready(self, timeout: float = 180) -> None:
-        wait_until(
-            lambda: requests.get(f"{self.url}/ready", timeout=2).status_code == 200, timeout, 0.1, "/ready"
-        )
+        wait_until(lambda: requests.get(f"{self.url}/ready", timeout=2).status_code == 200, timeout, 0.1, "/ready")
 
     def wait_full_strength(self, timeout: float = 180) -> dict[str, Any]:
         """Every worker loaded and idle."""

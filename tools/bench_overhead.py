@@ -22,13 +22,14 @@ overhead goes (dispatch / rest of the server / outside the server).
 Phase 2 (kill recovery, K trials): take a ready worker's pid from /status, SIGKILL it, poll /status every ~5 ms
 and report how long until the slot is seen dead (state "dead", or already "starting" with a new pid) and until it
 is "ready" again with a new pid. "Seen dead" includes the polling granularity (one poll interval plus one /status
-round trip at most).
+round trip at most). Each trial spends one of the slot's respawns: the supervisor allows workers.max_restarts
+(default 10) per restart_window_s (600 s), so repeated runs against one server soon leave the slot dead.
 
 Usage:
-    .venv/bin/python tools/bench_overhead.py                                    # localhost:12411, 50 requests, 512 px, 4 steps
+    .venv/bin/python tools/bench_overhead.py          # localhost:12411, 50 requests, 512 px, 4 steps
     .venv/bin/python tools/bench_overhead.py --url http://127.0.0.1:12488 --requests 30 --kill-trials 2
     .venv/bin/python tools/bench_overhead.py --size 1024 --steps 28 --kill-trials 0      # overhead only
-    .venv/bin/python tools/bench_overhead.py --json > bench.txt                  # figures also as one JSON object at the end
+    .venv/bin/python tools/bench_overhead.py --json > bench.txt   # figures also as one JSON object at the end
 
 Exit status: 0 when the benchmark ran (targets missed or not), 1 when the server is unreachable or not ready, a
 request fails, or a killed worker does not come back.
@@ -75,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="uncounted warm-up requests (default %(default)s)")
     parser.add_argument(
-        "--kill-trials", type=int, default=3, metavar="K", help="worker kill trials, 0 skips (default %(default)s)"
+        "--kill-trials",
+        type=int,
+        default=3,
+        metavar="K",
+        help="worker kill trials, 0 skips (default %(default)s)",
     )
     parser.add_argument(
         "--recovery-timeout",
@@ -85,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a killed worker may take to be ready again (default %(default)s)",
     )
     parser.add_argument(
-        "--request-timeout", type=float, default=600.0, metavar="S", help="per-request timeout (default %(default)s)"
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="per-request timeout (default %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="also print all figures as one JSON object at the end")
     args = parser.parse_args(argv)
@@ -176,7 +185,13 @@ class Sample:
 
 def generate(session: requests.Session, base: str, size: int, steps: int, timeout: float) -> Sample:
     """One text2img request; raises BenchError unless it succeeds with timings."""
-    payload = {"prompt": PROMPT, "mode": "text2img", "width": size, "height": size, "num_inference_steps": steps}
+    payload: dict[str, Any] = {
+        "prompt": PROMPT,
+        "mode": "text2img",
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+    }
     began = time.perf_counter()
     try:
         response = session.post(f"{base}/generate", json=payload, timeout=timeout)
@@ -215,8 +230,10 @@ def run_overhead(session: requests.Session, args: argparse.Namespace) -> list[Sa
     samples = []
     for i in range(args.requests):
         samples.append(generate(session, args.url, args.size, args.steps, args.request_timeout))
-        print(f"\r  request {i + 1}/{args.requests}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        if sys.stderr.isatty():
+            print(f"\r  request {i + 1}/{args.requests}", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     return samples
 
 
@@ -294,7 +311,8 @@ def require_local_server(base: str) -> None:
         raise BenchError(f"cannot resolve {host!r}: {exc}") from None
     local = {addr.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for addr in addrs}
     for address in addresses:
-        if ipaddress.ip_address(address.split("%")[0]).is_loopback or address in local:
+        text = str(address)
+        if ipaddress.ip_address(text.split("%")[0]).is_loopback or text in local:
             return
     raise BenchError(
         f"kill recovery needs the server on this machine, but {host} is not a local address; use --kill-trials 0"
@@ -369,6 +387,8 @@ def kill_one(session: requests.Session, base: str, port: int, slot: int, timeout
         if respawned is None and new_pid:
             respawned = now - began
         if new_pid and state in ("ready", "busy"):
+            seen_dead = now - began if seen_dead is None else seen_dead
+            respawned = now - began if respawned is None else respawned
             return KillTrial(slot, old_pid, int(pid), seen_dead, respawned, now - began, polls, rtts)
         if current.get("gave_up"):
             raise BenchError(f"slot {slot} gave up respawning: {current.get('last_error')}")
@@ -438,8 +458,10 @@ def print_header(args: argparse.Namespace, status: dict[str, Any]) -> None:
     print(f"  model:    {model.get('model_id', '?')}{embedded}")
     print(f"  workers:  {len(workers)} [{devices}]")
     print(f"  request:  text2img {args.size}x{args.size}, {args.steps} steps, JSON, one keep-alive connection")
-    print(f"  runs:     {args.requests} measured sequential requests after {args.warmup} warm-up; "
-          f"{args.kill_trials} kill trials")
+    print(
+        f"  runs:     {args.requests} measured sequential requests after {args.warmup} warm-up; "
+        f"{args.kill_trials} kill trials"
+    )
     print()
 
 

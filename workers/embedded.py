@@ -455,9 +455,7 @@ def _make_vae() -> AutoencoderKL:
 def _make_transformer(in_channels: int, out_channels: int | None) -> FluxTransformer2DModel:
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel(
-        in_channels=in_channels, out_channels=out_channels, **_TRANSFORMER_SHAPE
-    ).eval()
+    return FluxTransformer2DModel(in_channels=in_channels, out_channels=out_channels, **_TRANSFORMER_SHAPE).eval()
 
 
 def _make_controlnet() -> FluxControlNetModel:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from genserve.messages import (
     CancelJob,
@@ -32,6 +33,9 @@ from genserve.messages import (
     WorkerSpec,
     WorkerStartupFailed,
 )
+
+if TYPE_CHECKING:
+    from workers.pipelines import PipelineSet
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +176,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     log.info("worker %d exits", spec.slot)
 
 
-def _run_job(job: JobRequest, pipelines: "PipelineSet", outbox: _Outbox, board: _CancelBoard) -> None:  # noqa: F821
+def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> None:
     started_at = time.time()
     board.begin(job.job_id)
     outbox.send(JobStarted(job_id=job.job_id, started_at=started_at))
@@ -181,7 +185,9 @@ def _run_job(job: JobRequest, pipelines: "PipelineSet", outbox: _Outbox, board: 
             raise JobCanceledError("canceled before it started")
 
         def on_step(step: int, total: int) -> None:
-            outbox.send(JobProgress(job_id=job.job_id, step=step, total_steps=total, elapsed_s=time.time() - started_at))
+            outbox.send(
+                JobProgress(job_id=job.job_id, step=step, total_steps=total, elapsed_s=time.time() - started_at)
+            )
             if board.is_canceled(job.job_id):
                 raise JobCanceledError(f"canceled after step {step} of {total}")
 

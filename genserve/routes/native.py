@@ -28,7 +28,12 @@ from genserve.service import Service, get_service
 
 router = APIRouter()
 
-FEATURES = {"text2img": "text-to-image", "img2img": "image-to-image", "fill": "fill", "controlnet": "controlnet"}
+FEATURES = {
+    "text2img": "text-to-image",
+    "img2img": "image-to-image",
+    "fill": "fill",
+    "controlnet": "controlnet",
+}
 
 
 def _json_body_schema() -> dict[str, Any]:
@@ -146,9 +151,7 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
     return body.model_dump_json().encode()
 
 
-async def _generate(
-    service: Service, req: GenerateRequest, images: EncodedImages, started: float
-) -> Response:
+async def _generate(service: Service, req: GenerateRequest, images: EncodedImages, started: float) -> Response:
     context: dict[str, Any] = {"model_id": req.model_id or service.config.model.id, "mode": req.mode}
     try:
         prepared = await run_in_threadpool(prepare_job, req, images, service.config, service.modes)
@@ -162,7 +165,7 @@ async def _generate(
         return Response(content=body, media_type="application/json")
     except GenServeError as exc:
         context["elapsed_time"] = time.perf_counter() - started
-        raise exc.with_context(**context)
+        raise exc.with_context(**context) from exc.__cause__
 
 
 async def _wait_or_cancel(service: Service, job: Job) -> None:

@@ -24,7 +24,9 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def image_as(fmt: str) -> bytes:
@@ -46,30 +48,81 @@ JSON_CASES: list[tuple[str, Any, int, list[str]]] = [
     ("prompt-not-string", {"prompt": 42, **SMALL}, 400, ["prompt"]),
     ("unknown-mode", {"prompt": "x", "mode": "paint", **SMALL}, 400, ["mode"]),
     ("img2img-no-input", {"prompt": "x", "mode": "img2img", **SMALL}, 400, ["img2img", "input_image"]),
-    ("fill-no-mask", {"prompt": "x", "mode": "fill", "input_image": b64(png_bytes((64, 64))), **SMALL}, 400,
-     ["mask_image"]),
+    (
+        "fill-no-mask",
+        {"prompt": "x", "mode": "fill", "input_image": b64(png_bytes((64, 64))), **SMALL},
+        400,
+        ["mask_image"],
+    ),
     ("controlnet-no-control", {"prompt": "x", "mode": "controlnet", **SMALL}, 400, ["control_image"]),
-    ("not-base64", {"prompt": "x", "mode": "img2img", "input_image": "!!!not base64!!!", **SMALL}, 400,
-     ["input_image", "base64"]),
-    ("random-bytes", {"prompt": "x", "mode": "img2img", "input_image": b64(os.urandom(2048)), **SMALL}, 400,
-     ["input_image", "not a decodable image"]),
-    ("truncated-png", {"prompt": "x", "mode": "img2img", "input_image": b64(noisy_png()[:5000]), **SMALL}, 400,
-     ["input_image", "truncated"]),
-    ("gif", {"prompt": "x", "mode": "img2img", "input_image": b64(image_as("GIF")), **SMALL}, 400,
-     ["input_image", "unsupported format GIF"]),
-    ("bmp", {"prompt": "x", "mode": "controlnet", "control_image": b64(image_as("BMP")), **SMALL}, 400,
-     ["control_image", "unsupported format BMP"]),
-    ("bomb-header", {"prompt": "x", "mode": "img2img", "input_image": b64(png_claiming(5000, 5000)), **SMALL}, 400,
-     ["input_image", "5000x5000", "limit"]),
-    ("giant-bomb", {"prompt": "x", "mode": "img2img", "input_image": b64(png_claiming(100000, 100000)), **SMALL},
-     400, ["input_image", "pixels"]),
-    ("mask-mismatch", {"prompt": "x", "mode": "fill", "input_image": b64(png_bytes((64, 64))),
-                       "mask_image": b64(mask_png((32, 32))), **SMALL}, 400, ["mask_image", "32x32", "64x64"]),
+    (
+        "not-base64",
+        {"prompt": "x", "mode": "img2img", "input_image": "!!!not base64!!!", **SMALL},
+        400,
+        ["input_image", "base64"],
+    ),
+    (
+        "random-bytes",
+        {"prompt": "x", "mode": "img2img", "input_image": b64(os.urandom(2048)), **SMALL},
+        400,
+        ["input_image", "not a decodable image"],
+    ),
+    (
+        "truncated-png",
+        {"prompt": "x", "mode": "img2img", "input_image": b64(noisy_png()[:5000]), **SMALL},
+        400,
+        ["input_image", "truncated"],
+    ),
+    (
+        "gif",
+        {"prompt": "x", "mode": "img2img", "input_image": b64(image_as("GIF")), **SMALL},
+        400,
+        ["input_image", "unsupported format GIF"],
+    ),
+    (
+        "bmp",
+        {"prompt": "x", "mode": "controlnet", "control_image": b64(image_as("BMP")), **SMALL},
+        400,
+        ["control_image", "unsupported format BMP"],
+    ),
+    (
+        "bomb-header",
+        {"prompt": "x", "mode": "img2img", "input_image": b64(png_claiming(5000, 5000)), **SMALL},
+        400,
+        ["input_image", "5000x5000", "limit"],
+    ),
+    (
+        "giant-bomb",
+        {"prompt": "x", "mode": "img2img", "input_image": b64(png_claiming(100000, 100000)), **SMALL},
+        400,
+        ["input_image", "pixels"],
+    ),
+    (
+        "mask-mismatch",
+        {
+            "prompt": "x",
+            "mode": "fill",
+            "input_image": b64(png_bytes((64, 64))),
+            "mask_image": b64(mask_png((32, 32))),
+            **SMALL,
+        },
+        400,
+        ["mask_image", "32x32", "64x64"],
+    ),
     ("width-too-big", {"prompt": "x", "width": 5000, "height": 64}, 400, ["width", "2048"]),
     ("height-too-small", {"prompt": "x", "width": 64, "height": 8}, 400, ["height", "64"]),
-    ("steps-zero", {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 0}, 400,
-     ["num_inference_steps"]),
-    ("steps-too-many", {"prompt": "x", "width": 64, "height": 64, "steps": 1000}, 400, ["num_inference_steps"]),
+    (
+        "steps-zero",
+        {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 0},
+        400,
+        ["num_inference_steps"],
+    ),
+    (
+        "steps-too-many",
+        {"prompt": "x", "width": 64, "height": 64, "steps": 1000},
+        400,
+        ["num_inference_steps"],
+    ),
     ("cfg-negative", {"prompt": "x", "cfg": -1, **SMALL}, 400, ["cfg"]),
     ("strength-above-one", {"prompt": "x", "strength": 1.5, **SMALL}, 400, ["strength"]),
     ("seed-below-minus-one", {"prompt": "x", "seed": -2, **SMALL}, 400, ["seed"]),
@@ -78,8 +131,18 @@ JSON_CASES: list[tuple[str, Any, int, list[str]]] = [
     ("seed-fraction", {"prompt": "x", "seed": 1.5, **SMALL}, 400, ["seed"]),
     ("priority-wrong-type", {"prompt": "x", "priority": [1], **SMALL}, 400, ["priority"]),
     ("unknown-model", {"prompt": "x", "model_id": "sdxl", **SMALL}, 400, ["model_id", "sdxl"]),
-    ("unknown-controlnet-type", {"prompt": "x", "mode": "controlnet", "controlnet_type": "sketchy",
-                                 "control_image": b64(png_bytes((64, 64))), **SMALL}, 400, ["controlnet_type"]),
+    (
+        "unknown-controlnet-type",
+        {
+            "prompt": "x",
+            "mode": "controlnet",
+            "controlnet_type": "sketchy",
+            "control_image": b64(png_bytes((64, 64))),
+            **SMALL,
+        },
+        400,
+        ["controlnet_type"],
+    ),
     ("not-an-object", [1, 2, 3], 400, ["JSON object"]),
 ]
 
@@ -102,7 +165,10 @@ def assert_error(response: requests.Response, status: int, words: list[str]) -> 
 
 def test_invalid_json_is_400(server: GenServeProcess) -> None:
     response = requests.post(
-        f"{server.url}/generate", data=b'{"prompt": "x",', headers={"Content-Type": "application/json"}, timeout=10
+        f"{server.url}/generate",
+        data=b'{"prompt": "x",',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
     )
     assert_error(response, 400, ["not valid JSON"])
 
@@ -115,7 +181,9 @@ def test_empty_body_is_400(server: GenServeProcess) -> None:
 def test_image_over_50_mb_is_413_in_json(server: GenServeProcess) -> None:
     too_big = b64(os.urandom(50 * 1024 * 1024 + 1024))
     response = requests.post(
-        f"{server.url}/generate", json={"prompt": "x", "mode": "img2img", "input_image": too_big, **SMALL}, timeout=60
+        f"{server.url}/generate",
+        json={"prompt": "x", "mode": "img2img", "input_image": too_big, **SMALL},
+        timeout=60,
     )
     assert_error(response, 413, ["input_image", "50.0 MB"])
 
@@ -134,18 +202,38 @@ FORM_CASES: list[tuple[str, dict[str, str], dict[str, bytes], list[str]]] = [
     ("cfg-not-a-number", {"prompt": "x", "cfg": "lots"}, {}, ["cfg"]),
     ("strength-out-of-range", {"prompt": "x", "mode": "img2img", "strength": "2"}, {}, ["strength"]),
     ("unknown-mode", {"prompt": "x", "mode": "sketch"}, {}, ["mode"]),
-    ("fill-without-mask", {"prompt": "x", "mode": "fill"}, {"input_image": png_bytes((64, 64))}, ["mask_image"]),
-    ("random-bytes-file", {"prompt": "x", "mode": "img2img"}, {"input_image": os.urandom(4096)},
-     ["input_image", "not a decodable image"]),
-    ("gif-file", {"prompt": "x", "mode": "img2img"}, {"input_image": image_as("GIF")}, ["unsupported format GIF"]),
+    (
+        "fill-without-mask",
+        {"prompt": "x", "mode": "fill"},
+        {"input_image": png_bytes((64, 64))},
+        ["mask_image"],
+    ),
+    (
+        "random-bytes-file",
+        {"prompt": "x", "mode": "img2img"},
+        {"input_image": os.urandom(4096)},
+        ["input_image", "not a decodable image"],
+    ),
+    (
+        "gif-file",
+        {"prompt": "x", "mode": "img2img"},
+        {"input_image": image_as("GIF")},
+        ["unsupported format GIF"],
+    ),
     ("unexpected-file-field", {"prompt": "x"}, {"surprise": png_bytes((8, 8))}, ["surprise"]),
-    ("mask-mismatch", {"prompt": "x", "mode": "fill"},
-     {"input_image": png_bytes((64, 64)), "mask_image": mask_png((48, 48))}, ["must match"]),
+    (
+        "mask-mismatch",
+        {"prompt": "x", "mode": "fill"},
+        {"input_image": png_bytes((64, 64)), "mask_image": mask_png((48, 48))},
+        ["must match"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("data,files,words", [c[1:] for c in FORM_CASES], ids=[c[0] for c in FORM_CASES])
-def test_bad_form_input(server: GenServeProcess, data: dict[str, str], files: dict[str, bytes], words: list[str]) -> None:
+def test_bad_form_input(
+    server: GenServeProcess, data: dict[str, str], files: dict[str, bytes], words: list[str]
+) -> None:
     # (None, value) parts are plain form fields: this always sends multipart/form-data, files or not.
     parts: dict[str, Any] = {key: (None, value) for key, value in data.items()}
     parts.update({name: (f"{name}.bin", content, "application/octet-stream") for name, content in files.items()})
@@ -156,7 +244,7 @@ def test_bad_form_input(server: GenServeProcess, data: dict[str, str], files: di
 def test_malformed_multipart_is_400(server: GenServeProcess) -> None:
     response = requests.post(
         f"{server.url}/generate/img2img",
-        data=b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nunterminated",
+        data=b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nunterminated',
         headers={"Content-Type": "multipart/form-data; boundary=xyz"},
         timeout=10,
     )

@@ -20,13 +20,25 @@ MODE_IMAGES: dict[str, dict[str, bytes]] = {
 
 
 def send_json(server: GenServeProcess, mode: str, images: dict[str, bytes], **fields: Any) -> requests.Response:
-    body: dict[str, Any] = {"mode": mode, "width": SIZE[0], "height": SIZE[1], "num_inference_steps": 2, **fields}
+    body: dict[str, Any] = {
+        "mode": mode,
+        "width": SIZE[0],
+        "height": SIZE[1],
+        "num_inference_steps": 2,
+        **fields,
+    }
     body.update({name: b64(data) for name, data in images.items()})
     return server.generate(**body)
 
 
 def send_form(server: GenServeProcess, mode: str, images: dict[str, bytes], **fields: Any) -> requests.Response:
-    data = {"prompt": "a lighthouse at dusk", "mode": mode, "width": SIZE[0], "height": SIZE[1], "num_inference_steps": 2}
+    data = {
+        "prompt": "a lighthouse at dusk",
+        "mode": mode,
+        "width": SIZE[0],
+        "height": SIZE[1],
+        "num_inference_steps": 2,
+    }
     data.update(fields)
     files = {name: (f"{name}.png", content, "image/png") for name, content in images.items()}
     return requests.post(f"{server.url}/generate/img2img", data=data, files=files or None, timeout=120)

@@ -106,8 +106,11 @@ def test_workers_exit_when_the_api_process_is_killed(start_server: ServerFactory
     assert server.process is not None
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(timeout=10)
-    wait_until(lambda: not any(psutil.pid_exists(pid) and _not_zombie(pid) for pid in pids), 30,
-               what="orphaned workers to exit")
+    wait_until(
+        lambda: not any(psutil.pid_exists(pid) and _not_zombie(pid) for pid in pids),
+        30,
+        what="orphaned workers to exit",
+    )
 
 
 def _not_zombie(pid: int) -> bool:
@@ -130,6 +133,9 @@ def test_sigterm_finishes_the_running_job_then_stops_every_worker(start_server: 
     assert out["response"].status_code == 200, out["response"].text  # the in-flight request was allowed to finish
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so "killed by SIGTERM" is a clean exit.
     assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    wait_until(lambda: not any(psutil.pid_exists(pid) and _not_zombie(pid) for pid in pids), 30,
-               what="workers to exit")
+    wait_until(
+        lambda: not any(psutil.pid_exists(pid) and _not_zombie(pid) for pid in pids),
+        30,
+        what="workers to exit",
+    )
     assert "all workers stopped" in server.log_tail(200)

@@ -14,7 +14,9 @@ from tests.server import GenServeProcess, wait_until
 BLOCKER = {"width": 1024, "height": 1024, "num_inference_steps": 80}
 
 
-def run_in_background(server: GenServeProcess, results: dict[Any, requests.Response], key: Any, **fields: Any) -> threading.Thread:
+def run_in_background(
+    server: GenServeProcess, results: dict[Any, requests.Response], key: Any, **fields: Any
+) -> threading.Thread:
     def call() -> None:
         results[key] = server.generate(timeout=300, **fields)
 
@@ -33,7 +35,9 @@ def wait_for_busy_worker(server: GenServeProcess) -> str:
 
 def wait_for_queue_size(server: GenServeProcess, size: int) -> None:
     wait_until(
-        lambda: server.status()["concurrent_manager"]["global_queue_size"] == size, 60, what=f"{size} queued jobs"
+        lambda: server.status()["concurrent_manager"]["global_queue_size"] == size,
+        60,
+        what=f"{size} queued jobs",
     )
 
 

@@ -55,9 +55,7 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
 
 
 def test_yaml_values_are_applied(tmp_path: Path) -> None:
-    path = write_yaml(
-        tmp_path, "server:\n  port: 8080\nqueue:\n  max_size: 3\nworkers:\n  devices: [cuda:0, cpu]\n"
-    )
+    path = write_yaml(tmp_path, "server:\n  port: 8080\nqueue:\n  max_size: 3\nworkers:\n  devices: [cuda:0, cpu]\n")
     config = load_config(path, {})
     assert config.server.port == 8080
     assert config.queue.max_size == 3
@@ -276,9 +274,7 @@ def test_real_model_with_fill_and_controlnet_weights_serves_every_mode() -> None
 
 
 def test_served_modes_only_lists_configured_modes() -> None:
-    config = load_config(
-        None, {"GENSERVE_MODEL_PATH": "/m/flux", "GENSERVE_MODEL__MODES": "[text2img, fill]"}
-    )
+    config = load_config(None, {"GENSERVE_MODEL_PATH": "/m/flux", "GENSERVE_MODEL__MODES": "[text2img, fill]"})
     modes, notes = config.served_modes()
     assert modes == ("text2img",)
     assert len(notes) == 1 and "fill" in notes[0]
@@ -299,18 +295,14 @@ def test_resolve_config_path_precedence(tmp_path: Path, monkeypatch: pytest.Monk
     assert load_config(found, {}).server.port == 1111
 
 
-def test_resolve_config_path_without_any_source_is_none(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resolve_config_path_without_any_source_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert resolve_config_path(None, {}) is None
     assert resolve_config_path(None, {"GENSERVE_CONFIG": ""}) is None
     assert resolve_config_path("", {}) is None
 
 
-def test_resolve_config_path_ignores_a_config_yaml_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resolve_config_path_ignores_a_config_yaml_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.yaml").mkdir()
     assert resolve_config_path(None, {}) is None

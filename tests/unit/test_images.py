@@ -47,9 +47,7 @@ def handmade_png(width: int, height: int, idat_payload: bytes | None = None) -> 
     """A PNG written by hand: the header is real, the pixel data may be a stub (enough for size checks)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     idat = zlib.compress(b"") if idat_payload is None else idat_payload
-    return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def decoded(image: Image.Image, fmt: str = "PNG") -> DecodedImage:
@@ -142,9 +140,7 @@ def test_line_wrapped_base64_at_the_limit_is_accepted() -> None:
 # --- decode_image ----
 
 
-@pytest.mark.parametrize(
-    ("fmt", "params"), [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 90})]
-)
+@pytest.mark.parametrize(("fmt", "params"), [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 90})])
 def test_supported_formats_decode(fmt: str, params: dict[str, object]) -> None:
     data = encode(noisy_rgb(40, 24), fmt, **params)
     result = decode_image(data, "input_image", max_bytes=BIG, max_pixels=PIXELS)
@@ -206,9 +202,7 @@ def test_decompression_bomb_header_is_refused() -> None:
 
 
 def test_header_over_configured_pixel_limit_is_refused_before_decoding() -> None:
-    data = handmade_png(
-        5000, 5000
-    )  # no real pixel data: decoding would fail, so the refusal comes from the header
+    data = handmade_png(5000, 5000)  # no real pixel data: decoding would fail, so the refusal comes from the header
     with pytest.raises(BadRequest, match="5000x5000") as info:
         decode_image(data, "input_image", max_bytes=BIG, max_pixels=4096 * 4096)
     assert str(4096 * 4096) in info.value.message

@@ -50,9 +50,7 @@ def small_size(**fields: object) -> dict[str, object]:
 # --- sizes, defaults and limits ----
 
 
-@pytest.mark.parametrize(
-    ("value", "snapped"), [(1024, 1024), (1000, 992), (64, 64), (79, 64), (80, 80), (2047, 2032)]
-)
+@pytest.mark.parametrize(("value", "snapped"), [(1024, 1024), (1000, 992), (64, 64), (79, 64), (80, 80), (2047, 2032)])
 def test_snap_size_rounds_down_to_a_multiple_of_16(value: int, snapped: int) -> None:
     assert snap_size(value) == snapped
 
@@ -104,9 +102,7 @@ def test_each_job_gets_its_own_id() -> None:
         ({"cfg": 50.5}, "cfg", "between 0 and 50"),
     ],
 )
-def test_out_of_range_values_name_the_field_and_limits(
-    fields: dict[str, object], name: str, limits: str
-) -> None:
+def test_out_of_range_values_name_the_field_and_limits(fields: dict[str, object], name: str, limits: str) -> None:
     with pytest.raises(BadRequest) as info:
         prepare(**fields)
     assert info.value.message.startswith(name)
@@ -192,9 +188,7 @@ def test_missing_image_is_rejected_naming_the_field(mode: str, images: dict[str,
 
 def test_fill_mask_of_another_size_is_rejected_naming_both_sizes() -> None:
     with pytest.raises(BadRequest, match="mask_image is 32x16 but input_image is 40x24"):
-        prepare(
-            {"input_image": png(40, 24), "mask_image": png(32, 16, 255, "L")}, mode="fill", **small_size()
-        )
+        prepare({"input_image": png(40, 24), "mask_image": png(32, 16, 255, "L")}, mode="fill", **small_size())
 
 
 def test_an_undecodable_image_is_rejected_naming_its_field() -> None:
@@ -205,9 +199,7 @@ def test_an_undecodable_image_is_rejected_naming_its_field() -> None:
 
 
 def test_img2img_input_is_resized_to_the_output_size() -> None:
-    job = prepare(
-        {"input_image": b64(png(40, 24, (10, 20, 30)))}, mode="img2img", strength=0.3, **small_size()
-    ).request
+    job = prepare({"input_image": b64(png(40, 24, (10, 20, 30)))}, mode="img2img", strength=0.3, **small_size()).request
     raw = job.input_image
     assert raw is not None
     assert (raw.width, raw.height, raw.mode) == (80, 64, "RGB")
@@ -336,9 +328,7 @@ def test_explicit_seed_is_kept(seed: int) -> None:
     ],
 )
 def test_controlnet_type_maps_to_union_control_mode(controlnet_type: str | None, control_mode: int) -> None:
-    job = prepare(
-        {"control_image": png(8, 8)}, mode="controlnet", controlnet_type=controlnet_type, **small_size()
-    )
+    job = prepare({"control_image": png(8, 8)}, mode="controlnet", controlnet_type=controlnet_type, **small_size())
     assert job.request.control_mode == control_mode
 
 
@@ -378,9 +368,7 @@ def test_prompt_is_required() -> None:
         GenerateRequest.model_validate({})
 
 
-@pytest.mark.parametrize(
-    ("given", "mode"), [("IMG2IMG", "img2img"), (" Fill ", "fill"), ("ControlNet", "controlnet")]
-)
+@pytest.mark.parametrize(("given", "mode"), [("IMG2IMG", "img2img"), (" Fill ", "fill"), ("ControlNet", "controlnet")])
 def test_mode_is_case_insensitive(given: str, mode: str) -> None:
     assert GenerateRequest(prompt="p", mode=given).mode == mode  # type: ignore[arg-type]
 

@@ -220,9 +220,7 @@ def test_random_priorities_pop_in_priority_then_insertion_order() -> None:
     for index in removed:
         assert queue.remove(pushed[index][2])
     expected = [
-        item
-        for priority, sequence, item in sorted(pushed, key=lambda e: (e[0], e[1]))
-        if sequence not in removed
+        item for priority, sequence, item in sorted(pushed, key=lambda e: (e[0], e[1])) if sequence not in removed
     ]
 
     assert list(queue.ordered()) == expected
