@@ -115,6 +115,7 @@ class Supervisor:
         self._accepting = False
         self._stopping = False
         self._started_at = time.time()
+        self._ever_ready = False  # some worker has reported ready at least once
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class Supervisor:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down")
-            if not any(slot.loaded for slot in self._slots):
+            if not self._can_take_jobs():
                 raise NotReady(self._not_ready_reason())
             try:
                 self._queue.push(job, priority)
@@ -256,6 +257,16 @@ class Supervisor:
         if any(slot.alive or slot.respawn_at is not None for slot in self._slots):
             return "starting"
         return "down"
+
+    def _can_take_jobs(self) -> bool:
+        """A loaded worker exists, or the pool has served before and a slot is only restarting.
+
+        Before the first worker is ever ready, clients get 503 as GenServe gives them. After that, a job that
+        arrives while every worker is being respawned waits in the queue instead of failing.
+        """
+        if any(slot.loaded for slot in self._slots):
+            return True
+        return self._ever_ready and not all(slot.gave_up for slot in self._slots)
 
     def not_ready_reason(self) -> str:
         with self._lock:
@@ -351,6 +362,7 @@ class Supervisor:
             if job is not None:
                 self._fail_job(job, message)
         elif isinstance(message, WorkerReady):
+            self._ever_ready = True
             slot.state = WorkerState.READY
             slot.pid = message.pid
             slot.ready_since = time.time()
@@ -452,11 +464,20 @@ class Supervisor:
                 f"{cfg.restart_window_s:g} s), not respawned"
             )
             log.error("worker %d: %s", slot.index, slot.last_error)
+            self._fail_queue_if_no_worker_left()
             return
         delay = min(cfg.restart_backoff_s * (2**slot.consecutive_failures), cfg.restart_backoff_max_s)
         slot.consecutive_failures += 1
         slot.respawn_at = now + delay
         log.info("worker %d respawns in %.2f s", slot.index, delay)
+
+    def _fail_queue_if_no_worker_left(self) -> None:
+        """Every slot spent its budget: nothing will ever run the queued jobs, so end them now."""
+        if not all(slot.gave_up for slot in self._slots):
+            return
+        reason = self._not_ready_reason()
+        while (job := self._queue.pop()) is not None:
+            job.finish(JobState.FAILED, error=NotReady(reason))
 
     def _respawn_due_slots(self) -> None:
         now = time.monotonic()

@@ -76,6 +76,15 @@ def test_job_that_kills_two_workers_fails_with_worker_died(server: GenServeProce
     assert server.generate(width=64, height=64).status_code == 200  # no poison-job loop: the pool serves on
 
 
+def test_request_arriving_while_the_only_worker_respawns_waits_for_it(server: GenServeProcess) -> None:
+    old_pid = server.wait_full_strength()["workers"][0]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: server.status()["workers"][0]["state"] in ("dead", "starting"), 30, what="the death")
+    response = server.generate(width=64, height=64)
+    assert response.status_code == 200, response.text  # queued, not refused: the pool has served before
+    assert server.status()["workers"][0]["pid"] != old_pid
+
+
 def test_worker_that_cannot_start_spends_its_budget_and_ready_says_why(
     start_server: ServerFactory, tmp_path: Any
 ) -> None:
