@@ -77,6 +77,10 @@ class ServerConfig(_Section):
         description="Largest request body accepted (JSON with base64 images, or a multipart upload).",
     )
 
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
 
 class ModelConfig(_Section):
     id: str = Field("flux1-dev", min_length=1, description="model_id clients send and /models reports.")

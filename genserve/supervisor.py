@@ -82,7 +82,6 @@ class WorkerSlot:
     jobs_done: int = 0
     last_error: str | None = None
     gave_up: bool = False  # restart budget spent: no more respawns
-    embedded_model: bool = False
 
     @property
     def alive(self) -> bool:
@@ -240,9 +239,6 @@ class Supervisor:
                 "uptime_s": round(time.time() - self._started_at, 3),
             }
 
-    def embedded_model_in_use(self) -> bool:
-        return self.config.uses_embedded_model
-
     def total_workers(self) -> int:
         return len(self._slots)
 
@@ -367,7 +363,6 @@ class Supervisor:
             slot.pid = message.pid
             slot.ready_since = time.time()
             slot.consecutive_failures = 0
-            slot.embedded_model = message.embedded_model
             slot.last_error = None
             log.info(
                 "worker %d ready on %s (pid %d, %.1f s, modes %s)%s",

@@ -57,16 +57,25 @@ def _form_body_schema() -> dict[str, Any]:
 # --- body parsing ----------------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+def _body_too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
+
+
+def _refuse_declared_oversize(request: Request, max_bytes: int) -> None:
+    """Refuse by Content-Length before reading a byte of an oversized body."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
+        raise _body_too_large(max_bytes)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    _refuse_declared_oversize(request, max_bytes)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
+            raise _body_too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -189,7 +198,7 @@ async def _wait_or_cancel(service: Service, job: Job) -> None:
 async def generate_json(request: Request) -> Response:
     started = time.perf_counter()
     service = get_service(request)
-    body = await _read_body(request, int(service.config.server.max_request_mb * 1024 * 1024))
+    body = await _read_body(request, service.config.server.max_request_bytes)
     req, images = await run_in_threadpool(_parse_json_request, body)
     return await _generate(service, req, images, started)
 
@@ -203,10 +212,7 @@ async def generate_json(request: Request) -> Response:
 async def generate_form(request: Request) -> Response:
     started = time.perf_counter()
     service = get_service(request)
-    declared = request.headers.get("content-length")
-    limit = int(service.config.server.max_request_mb * 1024 * 1024)
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than the {limit // (1024 * 1024)} MB limit")
+    _refuse_declared_oversize(request, service.config.server.max_request_bytes)
     req, images = await _parse_form_request(request, service.config.limits.max_upload_bytes)
     return await _generate(service, req, images, started)
 
