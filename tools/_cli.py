@@ -6,6 +6,7 @@ Client side only: tools speak HTTP to a running server and never import genserve
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -64,10 +65,18 @@ def request_json(
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line even when stderr is a pipe, so scripts and logs get the whole message together.
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+
+
 def _short(exc: BaseException) -> str:
+    """urllib3 buries the reason ("[Errno 111] Connection refused") deep in a long repr: surface it."""
     text = str(exc)
+    match = _ERRNO.search(text)
+    if match:
+        return match.group(0).strip()
     return text if len(text) < 200 else text[:197] + "..."
