@@ -318,9 +318,7 @@ def test_jobs_and_images_survive_a_restart_and_unfinished_ones_are_marked(
 
 def test_retention_deletes_old_results(start_server: ServerFactory, tmp_path: Path) -> None:
     results_dir = tmp_path / "results"
-    server = start_server(
-        {"results": {"dir": str(results_dir), "max_age_hours": 3 / 3600, "cleanup_interval_s": 0.5}}
-    )
+    server = start_server({"results": {"dir": str(results_dir), "max_age_hours": 3 / 3600, "cleanup_interval_s": 0.5}})
     task_id = submit(server, **SMALL)["task_id"]
     wait_status(server, task_id, "completed")
     image_files = list(results_dir.glob(f"images/*/{task_id}.png"))
@@ -340,8 +338,10 @@ def _queue_drained(request: pytest.FixtureRequest) -> None:
     if "server" in request.fixturenames:
         server: GenServeProcess = request.getfixturevalue("server")
         wait_until(
-            lambda: server.status()["concurrent_manager"]["global_queue_size"] == 0
-            and all(worker["state"] == "ready" for worker in server.status()["workers"]),
+            lambda: (
+                server.status()["concurrent_manager"]["global_queue_size"] == 0
+                and all(worker["state"] == "ready" for worker in server.status()["workers"])
+            ),
             120,
             what="an idle server",
         )
