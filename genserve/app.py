@@ -14,11 +14,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from genserve import __version__
-from genserve.config import Config
+from genserve.config import Config, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
-from genserve.routes import native
+from genserve.job_manager import JobManager
+from genserve.routes import compat, native
+from genserve.routes import jobs as jobs_routes
 from genserve.service import Service
+from genserve.store import ResultStore
 from genserve.supervisor import Supervisor, WorkerTarget
 
 log = logging.getLogger(__name__)
@@ -31,8 +34,16 @@ def create_app(
     for note in notes:
         log.warning(note)
     devices = devices if devices is not None else resolve_devices(config)
-    supervisor = Supervisor(config, devices, modes, worker_target=worker_target)
-    service = Service(config=config, modes=modes, supervisor=supervisor)
+    store = ResultStore(expand_path(config.results.dir))
+    interrupted = store.fail_interrupted()
+    if interrupted:
+        log.warning("%d job(s) were queued or running when the service last stopped: marked failed", interrupted)
+    jobs = JobManager(config, store)
+    supervisor = Supervisor(
+        config, devices, modes, worker_target=worker_target, on_queue_change=jobs.publish_queue_positions
+    )
+    jobs.attach(supervisor)
+    service = Service(config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,11 +54,14 @@ def create_app(
             )
         log.info("starting %d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
         supervisor.start()
+        retention = asyncio.create_task(_run_retention(config, store), name="genserve-retention")
         try:
             yield
         finally:
+            retention.cancel()
             log.info("shutting down workers")
             await asyncio.to_thread(supervisor.shutdown)
+            store.close()
 
     app = FastAPI(
         title="GenServe",
@@ -58,4 +72,18 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(jobs_routes.router)
+    app.include_router(compat.router)
     return app
+
+
+async def _run_retention(config: Config, store: ResultStore) -> None:
+    """Delete old results now and every results.cleanup_interval_s, off the event loop."""
+    max_age_s = config.results.max_age_hours * 3600
+    max_bytes = int(config.results.max_total_gb * 1024**3)
+    while True:
+        try:
+            await asyncio.to_thread(store.cleanup, max_age_s, max_bytes)
+        except Exception:  # a full disk or a locked database must not end retention for good
+            log.exception("retention failed; trying again next round")
+        await asyncio.sleep(config.results.cleanup_interval_s)

@@ -49,6 +49,7 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_CONTROLNET_PATH": ("controlnet", "path"),
     "GENSERVE_CPU_WORKERS": ("workers", "cpu_workers"),
     "GENSERVE_DEVICES": ("workers", "devices"),
+    "GENSERVE_RESULTS_DIR": ("results", "dir"),
 }
 # Read by load_config itself, not mapped to a field.
 ENV_CONFIG_FILE = "GENSERVE_CONFIG"
@@ -169,6 +170,16 @@ class QueueConfig(_Section):
         gt=0,
         description="Longest a job may take from submission to result; then 408 and it is cancelled.",
     )
+    cancel_abandoned: bool = Field(
+        True, description="Cancel a synchronous request's job when its client hangs up while the job is still queued."
+    )
+
+
+class ResultsConfig(_Section):
+    dir: str = Field("results", description="Folder of the result store: images and the SQLite job records.")
+    max_age_hours: float = Field(168.0, gt=0, description="Jobs and images older than this are deleted.")
+    max_total_gb: float = Field(20.0, gt=0, description="Oldest images are deleted while the store is larger.")
+    cleanup_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
 
 
 class DefaultsConfig(_Section):
@@ -226,6 +237,7 @@ class Config(_Section):
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 

@@ -40,6 +40,13 @@ class NotFound(GenServeError):
     error_type = "not_found"
 
 
+class AlreadyEnded(GenServeError):
+    """An operation on a job that has already finished (cancelling a completed job)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
 class PayloadTooLarge(GenServeError):
     status_code = 413
     error_type = "payload_too_large"

@@ -1,7 +1,12 @@
-"""The job record: one generation request from submission to its end, as the API process sees it.
+"""The live job: one generation request from submission to its end, as the API process sees it.
 
-Lives in the API process only. The supervisor's monitor thread moves a job through its states; HTTP handlers on the
-event loop wait for the end through ``wait_for_job``. All mutation happens under the supervisor's lock.
+Lives in the API process only. The supervisor's monitor thread moves a job through its lifecycle
+(queued → running → completed | failed | canceled) with the ``mark_*`` / ``finish`` methods. Each of them changes
+the job and publishes one ``JobEvent`` atomically under the job's own lock, so a subscriber that takes a snapshot
+and registers under that lock never misses an event and never sees one twice. Listeners (persistence) are called
+in the emitting thread; subscribers (SSE streams, waiting HTTP handlers) are woken on their event loop.
+
+Lock order: the supervisor's lock, then a job's lock — never the other way round.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from genserve.errors import GenServeError
 from genserve.messages import JobRequest, JobResult
@@ -26,16 +32,50 @@ class JobState(str, Enum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELED)
+        return self in TERMINAL_STATES
 
 
-DoneCallback = Callable[["Job"], None]
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One step of a job's life, as SSE streams it: ``event: <kind>`` with ``data`` as JSON."""
+
+    job_id: str
+    seq: int  # 1, 2, 3 … per job: the SSE event id
+    kind: str  # queued | started | progress | completed | failed | canceled
+    data: dict[str, Any]
+    at: float  # wall clock when it happened
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.kind in ("completed", "failed", "canceled")
+
+
+JobListener = Callable[["Job", JobEvent], None]
+
+
+@dataclass(eq=False)
+class Subscription:
+    """Events of one job delivered onto one event loop, from whichever thread emits them."""
+
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+
+    def deliver(self, event: JobEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # loop closed at shutdown: nobody listens any more
+            pass
 
 
 @dataclass(eq=False)
 class Job:
     request: JobRequest  # what the worker runs
     priority: int  # lower runs first
+    model_id: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # the effective request, without image bytes
     submitted_at: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     attempts: int = 0  # how many times a worker was handed this job
@@ -43,16 +83,19 @@ class Job:
     device: str | None = None
     started_at: float | None = None  # worker clock, when the worker began it
     finished_at: float | None = None
+    queue_position: int | None = None  # last published place in line (0 = next)
     step: int = 0  # denoising steps done
     total_steps: int = 0  # steps the pipeline runs
+    step_elapsed_s: float = 0.0  # worker seconds from job start to the last finished step
     cancel_reason: str | None = None  # set when someone asked to stop it
     cancel_sent: bool = False  # CancelJob went to its worker
     result: JobResult | None = None
     error: GenServeError | None = None
-    _callbacks: list[DoneCallback] = field(default_factory=list, repr=False)
+    seq: int = 0  # events published so far
+    _listeners: list[JobListener] = field(default_factory=list, repr=False)
+    _subscribers: list[Subscription] = field(default_factory=list, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
-    # Guards _callbacks: waiters register from the event loop while the monitor thread may be ending the job.
-    _callback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def id(self) -> str:
@@ -62,45 +105,160 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def add_done_callback(self, callback: DoneCallback) -> None:
-        """Call ``callback(job)`` once the job ends (at once, in this thread, if it already has)."""
-        with self._callback_lock:
-            if not self._done.is_set():
-                self._callbacks.append(callback)
+    # --- observers -----------------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: JobListener) -> None:
+        """Called with every event, in the thread that emits it (keep it quick)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> tuple[list[JobEvent], Subscription]:
+        """The current state as events, plus a subscription that receives every later event on ``loop``."""
+        subscription = Subscription(loop=loop)
+        with self._lock:
+            snapshot = self.snapshot_events()
+            if not self.done:
+                self._subscribers.append(subscription)
+        return snapshot, subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            if subscription in self._subscribers:
+                self._subscribers.remove(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def snapshot_events(self) -> list[JobEvent]:
+        """What a late subscriber needs to know first: the state the job is in now."""
+        with self._lock:
+            now = time.time()
+            if self.done:
+                return [self._event(self.state.value, self._terminal_data(), now)]
+            if self.state is JobState.QUEUED:
+                return [self._event("queued", self._queued_data(), now)]
+            events = [self._event("started", self._started_data(), now)]
+            if self.step:
+                events.append(self._event("progress", self.progress_data(), now))
+            return events
+
+    # --- lifecycle (called by the supervisor, under its lock) ---------------------------------------------------
+
+    def mark_queued(self, position: int | None, *, requeued_because: str | None = None) -> None:
+        with self._lock:
+            if self.done:
                 return
-        callback(self)
+            if requeued_because is None and self.state is JobState.QUEUED and position == self.queue_position:
+                return  # nothing changed for anyone watching
+            self.state = JobState.QUEUED
+            self.queue_position = position
+            if requeued_because is not None:
+                self.worker_slot = self.device = None
+                self.started_at = None
+                self.step = self.total_steps = 0
+            data = self._queued_data()
+            if requeued_because is not None:
+                data["requeued_because"] = requeued_because
+            self._emit("queued", data)
+
+    def mark_dispatched(self, slot: int, device: str) -> None:
+        with self._lock:
+            self.attempts += 1
+            self.state = JobState.RUNNING
+            self.worker_slot, self.device = slot, device
+            self.queue_position = None
+
+    def mark_started(self, started_at: float) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.started_at = started_at
+            self._emit("started", self._started_data())
+
+    def mark_progress(self, step: int, total_steps: int, elapsed_s: float) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.step, self.total_steps, self.step_elapsed_s = step, total_steps, elapsed_s
+            self._emit("progress", self.progress_data())
 
     def finish(self, state: JobState, *, result: JobResult | None = None, error: GenServeError | None = None) -> None:
         """End the job. Idempotent: the first end wins (a late worker message for a timed-out job is dropped)."""
-        with self._callback_lock:
-            if self._done.is_set():
+        with self._lock:
+            if self.done:
                 return
             self.state = state
             self.result = result
             self.error = error
             self.finished_at = time.time()
+            if state is JobState.COMPLETED:
+                self.step = self.total_steps or self.request.num_inference_steps
+            self._emit(state.value, self._terminal_data())
             self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
+            self._subscribers.clear()
+
+    # --- views ---------------------------------------------------------------------------------------------------
+
+    def progress_data(self) -> dict[str, Any]:
+        total = self.total_steps or self.request.num_inference_steps
+        percent = round(100.0 * self.step / total, 1) if total else 0.0
+        eta = None
+        if self.step and total:
+            eta = round(self.step_elapsed_s / self.step * (total - self.step), 3)  # at the running rate
+        return {"task_id": self.id, "step": self.step, "total_steps": total, "percent": percent, "eta_s": eta}
+
+    def _queued_data(self) -> dict[str, Any]:
+        return {"task_id": self.id, "status": "queued", "queue_position": self.queue_position}
+
+    def _started_data(self) -> dict[str, Any]:
+        return {
+            "task_id": self.id,
+            "status": "running",
+            "worker": self.worker_slot,
+            "device": self.device,
+            "started_at": self.started_at,
+        }
+
+    def _terminal_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"task_id": self.id, "status": self.state.value}
+        if self.result is not None:
+            data["result"] = {
+                "images": [{"id": self.id, "url": f"/image/{self.id}"}],
+                "seed": self.result.seed,
+                "width": self.result.width,
+                "height": self.result.height,
+            }
+            data["result_url"] = f"/image/{self.id}"
+        if self.error is not None:
+            data["error"] = {"type": self.error.error_type, "message": self.error.message}
+        if self.state is JobState.CANCELED:
+            data["cancel_reason"] = self.cancel_reason
+        return data
+
+    def _event(self, kind: str, data: dict[str, Any], at: float) -> JobEvent:
+        return JobEvent(job_id=self.id, seq=self.seq, kind=kind, data=data, at=at)
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        self.seq += 1
+        event = JobEvent(job_id=self.id, seq=self.seq, kind=kind, data=data, at=time.time())
+        for listener in self._listeners:
+            listener(self, event)
+        for subscription in self._subscribers:
+            subscription.deliver(event)
 
 
 async def wait_for_job(job: Job) -> Job:
     """Wait on the event loop, without a thread, until ``job`` ends."""
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: Job) -> None:
-        try:
-            loop.call_soon_threadsafe(_set_if_pending, ended)
-        except RuntimeError:  # the loop closed during shutdown: nobody is waiting any more
+    if job.done:
+        return job
+    snapshot, subscription = job.subscribe(asyncio.get_running_loop())
+    try:
+        if any(event.is_terminal for event in snapshot):
+            return job
+        while not (await subscription.events.get()).is_terminal:
             pass
-
-    job.add_done_callback(wake)
-    await ended
-    return job
-
-
-def _set_if_pending(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        return job
+    finally:
+        job.unsubscribe(subscription)

@@ -2,7 +2,8 @@
 
 Each is a frozen dataclass sent whole over the worker's duplex ``multiprocessing`` pipe (pickled). Errors cross as
 a type name plus a message, never as pickled exceptions (a CUDA exception may not unpickle in the other process);
-images cross as raw pixel bytes or encoded PNG bytes, never as PIL objects.
+input images cross as raw pixel bytes, never as PIL objects; output images cross as a file path (the worker
+writes the PNG into the result store itself).
 
 Direction:  API → worker: WorkerSpec (at spawn), JobRequest, CancelJob, Shutdown.
             worker → API: WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted, JobProgress, JobResult, JobFailure.
@@ -62,6 +63,7 @@ class JobRequest:
     control_image: RawImage | None  # controlnet conditioning image
     control_mode: int | None  # union ControlNet mode index; None for a single-type ControlNet
     controlnet_conditioning_scale: float  # weight of the ControlNet residuals
+    output_path: str  # where the worker writes the PNG (atomically); the API process never holds image bytes
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,17 @@ class JobProgress:
 
 @dataclass(frozen=True)
 class JobResult:
-    """The job finished; the image is already PNG-encoded by the worker."""
+    """The job finished; the worker has written the PNG to the job's output_path."""
 
     job_id: str  # the job
-    png: bytes  # the output image, PNG
+    image_path: str  # the PNG file (the job's output_path)
+    image_bytes: int  # its size
     width: int  # output width
     height: int  # output height
     seed: int  # seed used
     started_at: float  # worker's time.time() when the job began
     pipeline_s: float  # seconds inside the diffusers pipeline call
-    encode_s: float  # seconds to encode the PNG
+    encode_s: float  # seconds to encode and write the PNG
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from genserve.config import CONTROL_MODES, Config
 from genserve.errors import BadRequest
@@ -37,9 +38,10 @@ SIZE_MULTIPLE = 16  # FLUX packs 2×2 latent patches of an 8× VAE
 
 @dataclass(frozen=True)
 class PreparedJob:
-    request: JobRequest
+    request: JobRequest  # output_path still empty: the job manager picks it
     priority: int
     model_id: str
+    params: dict[str, Any]  # the effective request as recorded and shown (no image bytes)
 
 
 EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
@@ -141,6 +143,22 @@ def prepare_job(
         control_image=rgb("control_image"),
         control_mode=control_mode,
         controlnet_conditioning_scale=config.controlnet.conditioning_scale,
+        output_path="",
     )
     priority = defaults.priority if req.priority is None else req.priority
-    return PreparedJob(request=request, priority=priority, model_id=model_id)
+    params: dict[str, Any] = {
+        "prompt": request.prompt,
+        "mode": mode,
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "cfg": request.guidance_scale,
+        "seed": request.seed,
+        "priority": priority,
+        "images": sorted(decoded),
+    }
+    if request.input_image is not None:
+        params["strength"] = request.strength
+    if mode == "controlnet":
+        params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
+    return PreparedJob(request=request, priority=priority, model_id=model_id, params=params)

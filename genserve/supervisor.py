@@ -38,7 +38,6 @@ from genserve.messages import (
     Heartbeat,
     JobFailure,
     JobProgress,
-    JobRequest,
     JobResult,
     JobStarted,
     Mode,
@@ -50,6 +49,8 @@ from genserve.messages import (
 from genserve.queue import PriorityQueue, QueueFullError
 
 log = logging.getLogger(__name__)
+
+TIMEOUT_REASON = "timeout"  # cancel reason of a job stopped by its deadline: it ends failed, not canceled
 
 WorkerTarget = Callable[[WorkerSpec, Connection], None]
 
@@ -99,8 +100,11 @@ class Supervisor:
         devices: list[str],
         enabled_modes: tuple[Mode, ...],
         worker_target: WorkerTarget | None = None,
+        on_queue_change: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        # Called under the lock whenever the queue's order changes, so waiting jobs can publish their new place.
+        self._on_queue_change = on_queue_change or (lambda: None)
         self.enabled_modes = enabled_modes
         self._target = worker_target or _default_worker_target()
         self._ctx = torch_mp.get_context("spawn")
@@ -115,6 +119,7 @@ class Supervisor:
         self._stopping = False
         self._started_at = time.time()
         self._ever_ready = False  # some worker has reported ready at least once
+        self._outgoing: list[tuple[WorkerSlot, object]] = []  # messages the monitor sends once it drops the lock
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -136,6 +141,7 @@ class Supervisor:
             self._stopping = True
             while (job := self._queue.pop()) is not None:
                 job.finish(JobState.FAILED, error=ShuttingDown("service is shutting down; job was not started"))
+            self._on_queue_change()
         self._wake()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
@@ -166,21 +172,22 @@ class Supervisor:
 
     # --- requests from the HTTP side -------------------------------------------------------------------------
 
-    def submit(self, request: JobRequest, priority: int) -> Job:
+    def submit(self, job: Job) -> Job:
         """Queue a job; raises NotReady / QueueFull / ShuttingDown (nothing is queued then)."""
-        job = Job(request=request, priority=priority)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down")
             if not self._can_take_jobs():
                 raise NotReady(self._not_ready_reason())
             try:
-                self._queue.push(job, priority)
+                self._queue.push(job, job.priority)
             except QueueFullError:
                 raise QueueFull(
                     f"queue is full ({self._queue.max_size} jobs waiting); retry later",
                     headers={"Retry-After": "5"},
                 ) from None
+            job.mark_queued(self._queue.position(job))
+            self._on_queue_change()
         self._wake()
         return job
 
@@ -191,9 +198,26 @@ class Supervisor:
                 return
             job.cancel_reason = job.cancel_reason or reason
             if self._queue.remove(job):
-                job.finish(JobState.CANCELED, error=self._cancel_error(job))
+                self._end_canceled(job)
+                self._on_queue_change()
                 return
         self._wake()  # the monitor sends CancelJob to the job's worker
+
+    def cancel_queued(self, job: Job, reason: str) -> bool:
+        """Cancel a job only if it is still waiting; a running one is left alone. True if it was cancelled."""
+        with self._lock:
+            if job.done or job not in self._queue:
+                return False
+            job.cancel_reason = reason
+            self._queue.remove(job)
+            self._end_canceled(job)
+            self._on_queue_change()
+            return True
+
+    def queued_jobs(self) -> list[Job]:
+        """Waiting jobs in the order they will run."""
+        with self._lock:
+            return list(self._queue.ordered())
 
     def queue_position(self, job: Job) -> int | None:
         with self._lock:
@@ -301,6 +325,11 @@ class Supervisor:
                     self._kill_slow_starters()
                     self._send_pending_cancels()
                     self._dispatch()
+                    outgoing, self._outgoing = self._outgoing, []
+                # Sent without the lock: a job's input images can be tens of MB, and HTTP handlers must not wait
+                # on the lock meanwhile. Only this thread ever writes to worker pipes, so order is kept.
+                for slot, message in outgoing:
+                    self._send(slot, message)
             except Exception:  # never let one bad message take supervision down with it
                 log.exception("monitor iteration failed; continuing")
         log.debug("monitor stopped")
@@ -342,15 +371,14 @@ class Supervisor:
         if isinstance(message, JobProgress):
             job = self._current_job(slot, message.job_id)
             if job is not None:
-                job.step, job.total_steps = message.step, message.total_steps
+                job.mark_progress(message.step, message.total_steps, message.elapsed_s)
         elif isinstance(message, JobStarted):
             job = self._current_job(slot, message.job_id)
             if job is not None:
-                job.started_at = message.started_at
+                job.mark_started(message.started_at)
         elif isinstance(message, JobResult):
             job = self._release_job(slot, message.job_id)
             if job is not None:
-                job.step = job.total_steps or job.request.num_inference_steps
                 job.finish(JobState.COMPLETED, result=message)
                 slot.jobs_done += 1
         elif isinstance(message, JobFailure):
@@ -395,7 +423,7 @@ class Supervisor:
 
     def _fail_job(self, job: Job, failure: JobFailure) -> None:
         if failure.error_type == "canceled":
-            job.finish(JobState.CANCELED, error=self._cancel_error(job))
+            self._end_canceled(job)
             return
         job.finish(
             JobState.FAILED,
@@ -406,10 +434,12 @@ class Supervisor:
         )
 
     @staticmethod
-    def _cancel_error(job: Job) -> JobCanceled | JobTimeout:
-        if job.cancel_reason == "timeout":
-            return JobTimeout("job exceeded the task timeout and was stopped")
-        return JobCanceled(f"job was canceled ({job.cancel_reason or 'by request'})")
+    def _end_canceled(job: Job) -> None:
+        """A stopped job ends canceled, or failed with reason timeout when its deadline stopped it."""
+        if job.cancel_reason == TIMEOUT_REASON:
+            job.finish(JobState.FAILED, error=JobTimeout("job exceeded the task timeout and was stopped"))
+        else:
+            job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({job.cancel_reason or 'by request'})"))
 
     def _on_death(self, slot: WorkerSlot) -> None:
         process = slot.process
@@ -430,7 +460,7 @@ class Supervisor:
 
     def _recover_job(self, job: Job, slot: WorkerSlot) -> None:
         if job.cancel_reason is not None:
-            job.finish(JobState.CANCELED, error=self._cancel_error(job))
+            self._end_canceled(job)
         elif job.attempts >= 2:
             log.error("job %s was running on two workers that both died; failing it", job.id)
             job.finish(
@@ -441,10 +471,9 @@ class Supervisor:
             )
         else:
             log.warning("re-queueing job %s at the head of priority %d", job.id, job.priority)
-            job.state = JobState.QUEUED
-            job.worker_slot = job.device = None
-            job.step = job.total_steps = 0
             self._queue.push_front(job, job.priority)
+            job.mark_queued(self._queue.position(job), requeued_because=f"worker {slot.index} died")
+            self._on_queue_change()
 
     def _schedule_respawn(self, slot: WorkerSlot) -> None:
         cfg = self.config.workers
@@ -473,6 +502,7 @@ class Supervisor:
         reason = self._not_ready_reason()
         while (job := self._queue.pop()) is not None:
             job.finish(JobState.FAILED, error=NotReady(reason))
+        self._on_queue_change()
 
     def _respawn_due_slots(self) -> None:
         now = time.monotonic()
@@ -499,25 +529,26 @@ class Supervisor:
             job = slot.job
             if job is not None and job.cancel_reason is not None and not job.cancel_sent:
                 job.cancel_sent = True
-                self._send(slot, CancelJob(job_id=job.id))
+                self._outgoing.append((slot, CancelJob(job_id=job.id)))
 
     def _dispatch(self) -> None:
         """Hand queued jobs to idle workers, lowest slot first, until one runs out."""
+        dispatched = False
         for slot in self._slots:
             if not len(self._queue):
-                return
+                break
             if slot.state is not WorkerState.READY:
                 continue
             job = self._queue.pop()
             if job is None:
-                return
-            job.attempts += 1
-            job.state = JobState.RUNNING
-            job.worker_slot, job.device = slot.index, slot.device
+                break
+            job.mark_dispatched(slot.index, slot.device)
             slot.job, slot.state = job, WorkerState.BUSY
-            if not self._send(slot, job.request):
-                # The worker died under us; its sentinel will fire and _on_death re-queues the job.
-                log.warning("could not hand job %s to worker %d", job.id, slot.index)
+            # If the worker died meanwhile the send fails quietly; its sentinel fires and _on_death re-queues.
+            self._outgoing.append((slot, job.request))
+            dispatched = True
+        if dispatched:
+            self._on_queue_change()
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines: list[float] = []

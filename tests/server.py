@@ -56,6 +56,7 @@ class GenServeProcess:
             # read them from a fresh Config instead.
             "defaults": {"width": 128, "height": 128, "num_inference_steps": 2},
             "workers": {"restart_backoff_s": 0.2},
+            "results": {"dir": str(workdir / "results")},
         }
         for section, fields in (overrides or {}).items():
             config.setdefault(section, {}).update(fields)

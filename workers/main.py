@@ -195,7 +195,8 @@ def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _C
         outbox.send(
             JobResult(
                 job_id=job.job_id,
-                png=output.png,
+                image_path=job.output_path,
+                image_bytes=output.image_bytes,
                 width=output.width,
                 height=output.height,
                 seed=job.seed,

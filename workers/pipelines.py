@@ -12,6 +12,7 @@ The embedded random-weight model goes through exactly the same ``from_pretrained
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -31,11 +32,19 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 @dataclass(frozen=True)
 class JobOutput:
-    png: bytes
+    image_bytes: int  # size of the PNG written to the job's output_path
     width: int
     height: int
     pipeline_s: float
     encode_s: float
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the whole file or none: write a temporary sibling, then rename over the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -169,8 +178,9 @@ class PipelineSet:
             ).images[0]
         pipeline_s = time.perf_counter() - began
         png = encode_png(image)
+        write_atomically(Path(job.output_path), png)
         return JobOutput(
-            png=png,
+            image_bytes=len(png),
             width=image.width,
             height=image.height,
             pipeline_s=pipeline_s,

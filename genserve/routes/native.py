@@ -1,30 +1,30 @@
 """GenServe's native API (seed 001): /generate, /generate/img2img, /status, /models, /health, /ready.
 
-Runs on the API process's event loop. Parsing JSON, decoding images and base64-encoding results are CPU work done
-in the thread pool; the loop only awaits. Both generate routes share one path from parsed fields to response.
+Runs on the API process's event loop. The synchronous generate routes are "submit and wait" on the job machinery
+(genserve.job_manager): the job is recorded like any other, and its image is read back from the result store and
+base64-encoded in the thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from genserve import __version__
-from genserve.errors import BadRequest, GenServeError, JobTimeout, PayloadTooLarge
-from genserve.http_errors import bad_request_from_validation
+from genserve.errors import GenServeError, JobTimeout
 from genserve.jobs import Job, wait_for_job
-from genserve.prepare import EncodedImages, PreparedJob, prepare_job
-from genserve.schemas import IMAGE_FIELDS, GenerateRequest, GenerateResponse
+from genserve.prepare import PreparedJob
+from genserve.routes import intake
+from genserve.schemas import GenerateResponse
 from genserve.service import Service, get_service
+from genserve.supervisor import TIMEOUT_REASON
 
 router = APIRouter()
 
@@ -36,106 +36,17 @@ FEATURES = {
 }
 
 
-def _json_body_schema() -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
-        }
-    }
-
-
-def _form_body_schema() -> dict[str, Any]:
-    schema = GenerateRequest.model_json_schema()
-    for field in IMAGE_FIELDS:
-        schema["properties"][field] = {"type": "string", "format": "binary", "description": f"{field} file"}
-    return {
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
-    }
-
-
-# --- body parsing ----------------------------------------------------------------------------------------------
-
-
-def _body_too_large(max_bytes: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
-
-
-def _refuse_declared_oversize(request: Request, max_bytes: int) -> None:
-    """Refuse by Content-Length before reading a byte of an oversized body."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _body_too_large(max_bytes)
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    _refuse_declared_oversize(request, max_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _body_too_large(max_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
-    if not body.strip():
-        raise BadRequest("request body is empty; send a JSON object with at least 'prompt'")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
-    try:
-        req = GenerateRequest.model_validate(data)
-    except ValidationError as exc:
-        raise bad_request_from_validation(exc) from None
-    images: dict[str, bytes | str] = {}
-    for field in IMAGE_FIELDS:
-        value = getattr(req, field)
-        if value:
-            images[field] = value
-    return req, images
-
-
-async def _parse_form_request(request: Request, max_upload: int) -> tuple[GenerateRequest, EncodedImages]:
-    form = await request.form(max_files=len(IMAGE_FIELDS) + 4, max_fields=64)
-    fields: dict[str, Any] = {}
-    images: dict[str, bytes | str] = {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if key not in IMAGE_FIELDS:
-                raise BadRequest(f"unexpected file field {key!r}; files go in {', '.join(IMAGE_FIELDS)}")
-            data = await value.read(max_upload + 1)
-            if len(data) > max_upload:
-                raise PayloadTooLarge(f"{key} is larger than the {max_upload // (1024 * 1024)} MB limit per image")
-            images[key] = data
-        elif key in IMAGE_FIELDS:
-            if value:
-                images[key] = value  # base64 text in a form field works too
-        elif value != "" or key == "prompt":  # an empty optional form field means "not given"
-            fields[key] = value
-    try:
-        req = GenerateRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise bad_request_from_validation(exc) from None
-    return req, images
-
-
 # --- the shared generate path ----------------------------------------------------------------------------------
 
 
 def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
     result = job.result
     assert result is not None
-    request = prepared.request
+    request = job.request
     body = GenerateResponse(
         success=True,
         task_id=job.id,
-        image_base64=base64.b64encode(result.png).decode("ascii"),
+        image_base64=base64.b64encode(Path(result.image_path).read_bytes()).decode("ascii"),
         error=None,
         elapsed_time=round(elapsed, 4),
         gpu_id=job.device,
@@ -160,61 +71,82 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
     return body.model_dump_json().encode()
 
 
-async def _generate(service: Service, req: GenerateRequest, images: EncodedImages, started: float) -> Response:
-    context: dict[str, Any] = {"model_id": req.model_id or service.config.model.id, "mode": req.mode}
+async def _submit_and_wait(request: Request, service: Service, prepared: PreparedJob, started: float) -> Response:
+    job = await intake.submit(service, prepared)
     try:
-        prepared = await run_in_threadpool(prepare_job, req, images, service.config, service.modes)
-        context["task_id"] = prepared.request.job_id
-        job = service.supervisor.submit(prepared.request, prepared.priority)
-        await _wait_or_cancel(service, job)
+        await _wait_or_cancel(request, service, job)
         if job.error is not None:
-            context["gpu_id"] = job.device
             raise job.error
         body = await run_in_threadpool(_render_success, job, prepared, time.perf_counter() - started)
         return Response(content=body, media_type="application/json")
     except GenServeError as exc:
-        context["elapsed_time"] = time.perf_counter() - started
-        raise exc.with_context(**context) from exc.__cause__
+        raise exc.with_context(
+            task_id=job.id,
+            model_id=prepared.model_id,
+            mode=job.request.mode,
+            gpu_id=job.device,
+            elapsed_time=time.perf_counter() - started,
+        ) from None
 
 
-async def _wait_or_cancel(service: Service, job: Job) -> None:
+async def _wait_or_cancel(request: Request, service: Service, job: Job) -> None:
+    """Wait for the job; stop it at the deadline, or when the client hangs up while it is still queued."""
     timeout = service.config.queue.task_timeout_s
+    finished = asyncio.ensure_future(asyncio.wait_for(wait_for_job(job), timeout=timeout))
+    hung_up = asyncio.ensure_future(_client_hangs_up(request))
     try:
-        await asyncio.wait_for(wait_for_job(job), timeout=timeout)
+        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        if finished.done():
+            finished.result()  # raises TimeoutError at the deadline
+            return
+        # The client is gone. A queued job is cancelled (nobody would receive its image); a running one finishes
+        # and stays retrievable by its id. Either way the answer goes nowhere; waiting keeps the bookkeeping simple.
+        if service.config.queue.cancel_abandoned:
+            service.supervisor.cancel_queued(job, "client disconnected")
+        await finished
     except asyncio.TimeoutError:
-        service.supervisor.cancel(job, "timeout")
+        service.supervisor.cancel(job, TIMEOUT_REASON)
         raise JobTimeout(f"job did not finish within queue.task_timeout_s={timeout:g} s; it was stopped") from None
     except asyncio.CancelledError:
         service.supervisor.cancel(job, "request abandoned")
         raise
+    finally:
+        for task in (finished, hung_up):
+            task.cancel()
+
+
+async def _client_hangs_up(request: Request) -> None:
+    """Returns when the client disconnects (the request body has been read, so receive() only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    openapi_extra=_json_body_schema(),
+    openapi_extra=intake.json_body_schema(),
     summary="Generate an image (JSON; images as base64 or data: URIs)",
 )
 async def generate_json(request: Request) -> Response:
     started = time.perf_counter()
     service = get_service(request)
-    body = await _read_body(request, service.config.server.max_request_bytes)
-    req, images = await run_in_threadpool(_parse_json_request, body)
-    return await _generate(service, req, images, started)
+    prepared = await intake.prepare_json(request, service)
+    return await _submit_and_wait(request, service, prepared, started)
 
 
 @router.post(
     "/generate/img2img",
     response_model=GenerateResponse,
-    openapi_extra=_form_body_schema(),
+    openapi_extra=intake.form_body_schema(),
     summary="Generate an image (multipart form-data; images as files; any mode)",
 )
 async def generate_form(request: Request) -> Response:
     started = time.perf_counter()
     service = get_service(request)
-    _refuse_declared_oversize(request, service.config.server.max_request_bytes)
-    req, images = await _parse_form_request(request, service.config.limits.max_upload_bytes)
-    return await _generate(service, req, images, started)
+    prepared = await intake.prepare_form(request, service)
+    return await _submit_and_wait(request, service, prepared, started)
 
 
 # --- service information ---------------------------------------------------------------------------------------

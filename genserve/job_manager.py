@@ -1,0 +1,226 @@
+"""Jobs as the routes see them: submit, look up, cancel, list — live jobs in memory, finished ones in the store.
+
+Lives in the API process. Every job, synchronous (POST /generate) or not (POST /jobs), goes through ``submit``:
+a record is written, the supervisor queues it, and a listener keeps the record in step with the job's events
+(called in the monitor thread). A job stays in ``_live`` until it ends; after that the store answers for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, replace
+from typing import Any
+
+from genserve.config import Config
+from genserve.errors import AlreadyEnded, GenServeError, NotFound
+from genserve.jobs import Job, JobEvent, JobState
+from genserve.prepare import PreparedJob
+from genserve.store import JobRecord, ResultStore
+from genserve.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class JobManager:
+    def __init__(self, config: Config, store: ResultStore) -> None:
+        self.config = config
+        self.store = store
+        self._live: dict[str, Job] = {}
+        self._lock = threading.Lock()  # guards _live only
+        self.supervisor: Supervisor | None = None  # set by attach(): the two refer to each other
+
+    def attach(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def _supervisor(self) -> Supervisor:
+        assert self.supervisor is not None, "JobManager.attach() was not called"
+        return self.supervisor
+
+    # --- submission ----------------------------------------------------------------------------------------------
+
+    def submit(self, prepared: PreparedJob) -> Job:
+        """Record and queue a prepared job. Raises NotReady / QueueFull / ShuttingDown; nothing is kept then.
+
+        Blocking (SQLite write, supervisor lock): call it from the thread pool, not the event loop.
+        """
+        request = replace(prepared.request, output_path=str(self.store.image_path(prepared.request.job_id)))
+        job = Job(request=request, priority=prepared.priority, model_id=prepared.model_id, params=prepared.params)
+        self.store.insert(
+            JobRecord(
+                id=job.id,
+                status=JobState.QUEUED.value,
+                mode=request.mode,
+                model_id=prepared.model_id,
+                priority=prepared.priority,
+                params=prepared.params,
+                submitted_at=job.submitted_at,
+                seed=request.seed,
+                width=request.width,
+                height=request.height,
+            )
+        )
+        job.add_listener(self._persist)
+        with self._lock:
+            self._live[job.id] = job
+        try:
+            self._supervisor().submit(job)
+        except GenServeError:
+            with self._lock:
+                self._live.pop(job.id, None)
+            self.store.delete(job.id)
+            raise
+        return job
+
+    def _persist(self, job: Job, event: JobEvent) -> None:
+        """Keep the stored record in step with the job (monitor thread; progress is not written, only states)."""
+        if event.kind == "started":
+            self.store.update(
+                job.id,
+                status=JobState.RUNNING.value,
+                started_at=job.started_at,
+                worker_slot=job.worker_slot,
+                device=job.device,
+            )
+        elif event.kind == "queued" and event.data.get("requeued_because"):
+            self.store.update(job.id, status=JobState.QUEUED.value, started_at=None, worker_slot=None, device=None)
+        elif event.is_terminal:
+            self.store.update(job.id, **_terminal_columns(job))
+            with self._lock:
+                self._live.pop(job.id, None)
+
+    # --- queries -------------------------------------------------------------------------------------------------
+
+    def live(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._live.get(job_id)
+
+    def live_jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._live.values())
+
+    def find(self, job_id: str) -> Job | JobRecord:
+        """The live job, else its record; NotFound when neither exists. Blocking (SQLite): thread pool."""
+        job = self.live(job_id)
+        if job is not None:
+            return job
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return record
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        found = self.find(job_id)
+        return self.job_view(found) if isinstance(found, Job) else record_view(found)
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        # The position first: it takes the supervisor's lock, which must never be taken while holding a job's.
+        position = self._supervisor().queue_position(job)
+        view = record_view(record_of(job))
+        if job.state is JobState.QUEUED:
+            view["queue_position"] = position
+        elif job.state is JobState.RUNNING:
+            view["progress"] = job.progress_data()
+            view["attempts"] = job.attempts
+        return view
+
+    def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+        records, total = self.store.list(status, limit, offset)
+        jobs = []
+        for record in records:
+            job = self.live(record.id)
+            jobs.append(self.job_view(job) if job is not None else record_view(record))
+        return {"jobs": jobs, "total": total, "limit": limit, "offset": offset}
+
+    # --- cancellation --------------------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, reason: str = "canceled by client") -> Job:
+        """Ask a live job to stop; a finished or unknown one is an error (409 / 404). Blocking: thread pool."""
+        job = self.live(job_id)
+        if job is None or job.done:
+            found = self.find(job_id)  # NotFound for an unknown id
+            status = found.state.value if isinstance(found, Job) else found.status
+            raise AlreadyEnded(f"job {job_id} already ended ({status}); nothing to cancel")
+        self._supervisor().cancel(job, reason)
+        return job
+
+    # --- queue positions -----------------------------------------------------------------------------------------
+
+    def publish_queue_positions(self) -> None:
+        """The queue's order changed: queued jobs that someone watches publish their new place (supervisor lock)."""
+        supervisor = self._supervisor()
+        for job in self.live_jobs():
+            if job.state is JobState.QUEUED and job.subscriber_count:
+                job.mark_queued(supervisor.queue_position(job))
+
+
+def _terminal_columns(job: Job) -> dict[str, Any]:
+    columns: dict[str, Any] = {"status": job.state.value, "finished_at": job.finished_at}
+    if job.result is not None:
+        columns.update(
+            image_bytes=job.result.image_bytes, seed=job.result.seed, width=job.result.width, height=job.result.height
+        )
+    if job.error is not None:
+        columns.update(error_type=job.error.error_type, error_message=job.error.message)
+    if job.cancel_reason is not None:
+        columns["cancel_reason"] = job.cancel_reason
+    return columns
+
+
+def record_of(job: Job) -> JobRecord:
+    """A live job as the store would hold it."""
+    request = job.request
+    record = JobRecord(
+        id=job.id,
+        status=job.state.value,
+        mode=request.mode,
+        model_id=job.model_id,
+        priority=job.priority,
+        params=job.params,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        worker_slot=job.worker_slot,
+        device=job.device,
+        seed=request.seed,
+        width=request.width,
+        height=request.height,
+    )
+    if job.done:
+        record = JobRecord(**{**asdict(record), **_terminal_columns(job)})
+    return record
+
+
+def record_view(record: JobRecord) -> dict[str, Any]:
+    """The public JSON of a job (GET /jobs/{id}, lists, history)."""
+    view: dict[str, Any] = {
+        "task_id": record.id,
+        "status": record.status,
+        "mode": record.mode,
+        "model_id": record.model_id,
+        "priority": record.priority,
+        "params": record.params,
+        "worker": record.worker_slot,
+        "device": record.device,
+        "submitted_at": record.submitted_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "queue_position": None,
+        "progress": None,
+        "result": None,
+        "error": None,
+        "cancel_reason": record.cancel_reason,
+    }
+    if record.started_at and record.finished_at:
+        view["execution_time"] = round(record.finished_at - record.started_at, 4)
+    if record.status == JobState.COMPLETED.value:
+        view["progress"] = {"percent": 100.0}
+        view["result"] = {
+            "images": [{"id": record.id, "url": f"/image/{record.id}", "bytes": record.image_bytes}],
+            "seed": record.seed,
+            "width": record.width,
+            "height": record.height,
+        }
+        view["result_url"] = f"/image/{record.id}"
+    if record.error_type:
+        view["error"] = {"type": record.error_type, "message": record.error_message}
+    return view

@@ -1,0 +1,200 @@
+"""Routes of the systems GenServe replaces, on the same job machinery.
+
+- Seed 000 (FLUX.1-dev over ComfyUI): ``GET /image/{task_id}`` (the PNG, or re-encoded with ``?format=``),
+  ``GET /queue``.
+- Seed 003 (ComfyUI API service): ``GET /api/task_status/{id}``, ``GET /api/history``, ``GET /api/history/{id}``,
+  ``GET /api/image/{id}``.
+
+Runs on the API process's event loop; store reads and image re-encoding go through the thread pool.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from genserve.errors import NotFound
+from genserve.job_manager import record_of, record_view
+from genserve.jobs import Job, JobState
+from genserve.service import Service, get_service
+from genserve.store import JobRecord
+
+router = APIRouter(tags=["compatibility"])
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+async def _find(service: Service, job_id: str) -> Job | JobRecord:
+    found: Job | JobRecord = await run_in_threadpool(service.jobs.find, job_id)
+    return found
+
+
+def _as_record(found: Job | JobRecord) -> JobRecord:
+    return record_of(found) if isinstance(found, Job) else found
+
+
+def _absolute(request: Request, path: str) -> str:
+    return str(request.base_url).rstrip("/") + path
+
+
+# --- seed 000 ------------------------------------------------------------------------------------------------------
+
+
+def _reencode(path: Path, fmt: str, quality: int) -> bytes:
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=fmt.upper(), quality=quality)
+        return buffer.getvalue()
+
+
+@router.get(
+    "/image/{task_id}",
+    summary="The job's image: PNG, or re-encoded as JPEG/WEBP on request",
+    response_class=Response,
+    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+)
+async def get_image(
+    request: Request,
+    task_id: str,
+    format: Literal["png", "jpeg", "webp"] = Query("png", description="png (as stored), jpeg or webp"),
+    quality: int = Query(90, ge=1, le=100, description="JPEG/WEBP quality"),
+) -> Response:
+    service = get_service(request)
+    record = _as_record(await _find(service, task_id))
+    if record.status != JobState.COMPLETED.value:
+        raise NotFound(f"job {task_id} has no image (status: {record.status})")
+    path = service.store.acquire(task_id)  # retention must not delete it while it is being sent
+    if not path.is_file():
+        service.store.release(task_id)
+        raise NotFound(f"the image of job {task_id} was deleted by retention")
+    if format == "png":
+        return FileResponse(path, media_type="image/png", background=BackgroundTask(service.store.release, task_id))
+    try:
+        data = await run_in_threadpool(_reencode, path, format, quality)
+    finally:
+        service.store.release(task_id)
+    return Response(data, media_type=MEDIA_TYPES[format])
+
+
+@router.get("/queue", summary="Running and pending jobs (seed 000)")
+async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
+    service = get_service(request)
+    running = [job for job in service.jobs.live_jobs() if job.state is JobState.RUNNING]
+    pending = await run_in_threadpool(service.supervisor.queued_jobs)
+    return {
+        "queue_running": [
+            {
+                "task_id": job.id,
+                "mode": job.request.mode,
+                "priority": job.priority,
+                "worker": job.worker_slot,
+                "device": job.device,
+                "started_at": job.started_at,
+                "progress": job.progress_data(),
+            }
+            for job in running
+        ],
+        "queue_pending": [
+            {
+                "task_id": job.id,
+                "mode": job.request.mode,
+                "priority": job.priority,
+                "queue_position": position,
+                "submitted_at": job.submitted_at,
+            }
+            for position, job in enumerate(pending)
+        ],
+    }
+
+
+# --- seed 003 ------------------------------------------------------------------------------------------------------
+
+
+def _images(request: Request, record: JobRecord) -> list[dict[str, str]]:
+    if record.status != JobState.COMPLETED.value:
+        return []
+    return [
+        {
+            "url": _absolute(request, f"/image/{record.id}"),
+            "filename": f"{record.id}.png",
+            "subfolder": "",
+            "type": "output",
+        }
+    ]
+
+
+def _history_entry(request: Request, record: JobRecord) -> dict[str, Any]:
+    view = record_view(record)
+    return {
+        "status": record.status,
+        "params": record.params,
+        "images": _images(request, record),
+        "submitted_at": record.submitted_at,
+        "execution_time": view.get("execution_time"),
+        "error": view["error"],
+    }
+
+
+@router.get("/api/task_status/{task_id}", summary="Task status with queue position (seed 003)")
+async def task_status(request: Request, task_id: str) -> JSONResponse:
+    service = get_service(request)
+    try:
+        found = await _find(service, task_id)
+    except NotFound:
+        return JSONResponse({"status": "not_found", "message": f"task {task_id} not found"}, status_code=404)
+    if isinstance(found, Job) and found.state is JobState.QUEUED:
+        position = await run_in_threadpool(service.supervisor.queue_position, found)
+        return JSONResponse({"status": "pending", "message": "Task is waiting in queue", "queue_position": position})
+    if isinstance(found, Job) and found.state is JobState.RUNNING:
+        info = {"worker": found.worker_slot, "device": found.device, "started_at": found.started_at}
+        return JSONResponse(
+            {
+                "status": "running",
+                "message": "Task is currently running",
+                "execution_info": {**info, **found.progress_data()},
+            }
+        )
+    record = _as_record(found)
+    view = record_view(record)
+    if record.status == JobState.COMPLETED.value:
+        return JSONResponse(
+            {
+                "status": "completed",
+                "message": "Image generation completed",
+                "images": _images(request, record),
+                "execution_time": view.get("execution_time"),
+                "node_errors": {},
+            }
+        )
+    reason = record.error_message or record.cancel_reason or record.status
+    return JSONResponse({"status": "error", "message": f"task {record.status}: {reason}", "error": view["error"]})
+
+
+@router.get("/api/history", summary="Recent tasks, newest first (seed 003)")
+async def history(
+    request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> dict[str, Any]:
+    service = get_service(request)
+    records, _ = await run_in_threadpool(service.store.list, None, limit, offset)
+    return {record.id: _history_entry(request, record) for record in records}
+
+
+@router.get("/api/history/{task_id}", summary="One task's history entry (seed 003)")
+async def history_one(request: Request, task_id: str) -> dict[str, Any]:
+    record = _as_record(await _find(get_service(request), task_id))
+    return {record.id: _history_entry(request, record)}
+
+
+@router.get("/api/image/{task_id}", summary="The task's images as URLs (seed 003)")
+async def image_info(request: Request, task_id: str) -> dict[str, Any]:
+    record = _as_record(await _find(get_service(request), task_id))
+    if record.status != JobState.COMPLETED.value:
+        raise NotFound(f"task {task_id} has no image (status: {record.status})")
+    return {"status": "success", "images": _images(request, record)}

@@ -1,0 +1,139 @@
+"""From an HTTP request to a prepared, submitted job — shared by /generate, /generate/img2img, /jobs, /jobs/form.
+
+Runs on the event loop; everything CPU-bound or blocking (JSON parsing, image decoding, the SQLite insert, the
+supervisor's lock) is sent to the thread pool. Errors carry the request's model_id and mode for the error body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from genserve.errors import BadRequest, GenServeError, PayloadTooLarge
+from genserve.http_errors import bad_request_from_validation
+from genserve.jobs import Job
+from genserve.prepare import EncodedImages, PreparedJob, prepare_job
+from genserve.schemas import IMAGE_FIELDS, GenerateRequest
+from genserve.service import Service
+
+
+def json_body_schema() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+        }
+    }
+
+
+def form_body_schema() -> dict[str, Any]:
+    schema = GenerateRequest.model_json_schema()
+    for field in IMAGE_FIELDS:
+        schema["properties"][field] = {"type": "string", "format": "binary", "description": f"{field} file"}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
+    }
+
+
+# --- body parsing ----------------------------------------------------------------------------------------------
+
+
+def _body_too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
+
+
+def refuse_declared_oversize(request: Request, max_bytes: int) -> None:
+    """Refuse by Content-Length before reading a byte of an oversized body."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise _body_too_large(max_bytes)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    refuse_declared_oversize(request, max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _body_too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
+    if not body.strip():
+        raise BadRequest("request body is empty; send a JSON object with at least 'prompt'")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    try:
+        req = GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise bad_request_from_validation(exc) from None
+    images: dict[str, bytes | str] = {}
+    for field in IMAGE_FIELDS:
+        value = getattr(req, field)
+        if value:
+            images[field] = value
+    return req, images
+
+
+async def parse_form_request(request: Request, max_upload: int) -> tuple[GenerateRequest, EncodedImages]:
+    form = await request.form(max_files=len(IMAGE_FIELDS) + 4, max_fields=64)
+    fields: dict[str, Any] = {}
+    images: dict[str, bytes | str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key not in IMAGE_FIELDS:
+                raise BadRequest(f"unexpected file field {key!r}; files go in {', '.join(IMAGE_FIELDS)}")
+            data = await value.read(max_upload + 1)
+            if len(data) > max_upload:
+                raise PayloadTooLarge(f"{key} is larger than the {max_upload // (1024 * 1024)} MB limit per image")
+            images[key] = data
+        elif key in IMAGE_FIELDS:
+            if value:
+                images[key] = value  # base64 text in a form field works too
+        elif value != "" or key == "prompt":  # an empty optional form field means "not given"
+            fields[key] = value
+    try:
+        req = GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise bad_request_from_validation(exc) from None
+    return req, images
+
+
+async def prepare_json(request: Request, service: Service) -> PreparedJob:
+    body = await read_body(request, service.config.server.max_request_bytes)
+    req, images = await run_in_threadpool(parse_json_request, body)
+    return await _prepare(service, req, images)
+
+
+async def prepare_form(request: Request, service: Service) -> PreparedJob:
+    refuse_declared_oversize(request, service.config.server.max_request_bytes)
+    req, images = await parse_form_request(request, service.config.limits.max_upload_bytes)
+    return await _prepare(service, req, images)
+
+
+async def _prepare(service: Service, req: GenerateRequest, images: EncodedImages) -> PreparedJob:
+    try:
+        return await run_in_threadpool(prepare_job, req, images, service.config, service.modes)
+    except GenServeError as exc:
+        raise exc.with_context(model_id=req.model_id or service.config.model.id, mode=req.mode) from None
+
+
+async def submit(service: Service, prepared: PreparedJob) -> Job:
+    try:
+        return await run_in_threadpool(service.jobs.submit, prepared)
+    except GenServeError as exc:
+        raise exc.with_context(
+            task_id=prepared.request.job_id, model_id=prepared.model_id, mode=prepared.request.mode
+        ) from None
