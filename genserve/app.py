@@ -18,7 +18,7 @@ from genserve.config import Config, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
-from genserve.routes import compat, native
+from genserve.routes import compat, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.service import Service
 from genserve.store import ResultStore
@@ -74,6 +74,8 @@ def create_app(
     app.include_router(native.router)
     app.include_router(jobs_routes.router)
     app.include_router(compat.router)
+    app.include_router(openai.router)
+    app.include_router(process.router)
     return app
 
 

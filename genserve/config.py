@@ -50,6 +50,8 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_CPU_WORKERS": ("workers", "cpu_workers"),
     "GENSERVE_DEVICES": ("workers", "devices"),
     "GENSERVE_RESULTS_DIR": ("results", "dir"),
+    "GENSERVE_ALLOW_PRIVATE_URLS": ("inputs", "allow_private_urls"),
+    "GENSERVE_PUBLIC_BASE_URL": ("openai", "public_base_url"),
 }
 # Read by load_config itself, not mapped to a field.
 ENV_CONFIG_FILE = "GENSERVE_CONFIG"
@@ -182,6 +184,44 @@ class ResultsConfig(_Section):
     cleanup_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
 
 
+class InputsConfig(_Section):
+    allow_private_urls: bool = Field(
+        False,
+        description="Let image URLs reach loopback, private, link-local or reserved addresses (trusted networks only).",
+    )
+    url_timeout_s: float = Field(10.0, gt=0, description="Whole fetch of one image URL, redirects included.")
+    url_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
+
+
+class OpenAIConfig(_Section):
+    max_n: int = Field(4, ge=1, le=16, description="Largest n (images per request) on /v1/images routes.")
+    public_base_url: str = Field(
+        "",
+        description="Base of image URLs that /v1 and /process return (https://img.example.com); empty: the request's.",
+    )
+    model_aliases: list[str] = Field(
+        default_factory=lambda: ["black-forest-labs/flux.1-dev", "flux.1-dev", "flux-1-dev", "flux"],
+        description="Extra names accepted in 'model' besides model.id and model.name (case-insensitive).",
+    )
+    variation_prompt: str = Field(
+        "a variation of this image, same subject and style",
+        min_length=1,
+        description="Prompt of /v1/images/variations.",
+    )
+    variation_strength: float = Field(0.6, gt=0, le=1, description="img2img strength of a variation.")
+    process_response: Literal["b64_json", "url"] = Field(
+        "b64_json",
+        description="What POST /process returns: base64 (default, as seed 004 without FILE_SERVER) or a URL.",
+    )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _http_base(cls, url: str) -> str:
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
 class DefaultsConfig(_Section):
     width: int = Field(1024, description="Output width when a request gives none.")
     height: int = Field(1024, description="Output height when a request gives none.")
@@ -238,6 +278,8 @@ class Config(_Section):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 

@@ -14,10 +14,19 @@ class GenServeError(Exception):
     status_code: int = 500
     error_type: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, when one is (OpenAI error bodies carry it)
+        self.code = code  # a finer machine-readable reason, e.g. model_not_found
         # Request facts the native error body echoes (task_id, model_id, mode); filled in by the route.
         self.context: dict[str, Any] = {}
 

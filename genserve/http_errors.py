@@ -39,7 +39,9 @@ def describe_validation_errors(errors: list[Any]) -> str:
 
 
 def bad_request_from_validation(exc: ValidationError) -> BadRequest:
-    return BadRequest(describe_validation_errors(exc.errors()))
+    errors = exc.errors()
+    first = [str(part) for part in errors[0].get("loc", ())] if errors else []
+    return BadRequest(describe_validation_errors(errors), param=".".join(first) or None)
 
 
 def native_error_body(status_code: int, error_type: str, message: str, context: dict[str, Any]) -> dict[str, Any]:
@@ -57,21 +59,53 @@ def native_error_body(status_code: int, error_type: str, message: str, context: 
     }
 
 
-def error_response(exc: GenServeError) -> JSONResponse:
+# OpenAI's error "type" by status, so its SDK raises the exception its users expect.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_body(exc: GenServeError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": _OPENAI_TYPES.get(exc.status_code, "server_error"),
+            "param": exc.param,
+            "code": exc.code or exc.error_type,
+        }
+    }
+
+
+def uses_openai_errors(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_response(exc: GenServeError, path: str = "") -> JSONResponse:
+    """The one mapping from an error to a response: OpenAI's shape on /v1 routes, GenServe's everywhere else."""
     if exc.status_code >= 500:
         log.warning("%s: %s", exc.error_type, exc.message)
-    body = native_error_body(exc.status_code, exc.error_type, exc.message, exc.context)
+    if uses_openai_errors(path):
+        body = openai_error_body(exc)
+    else:
+        body = native_error_body(exc.status_code, exc.error_type, exc.message, exc.context)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenServeError)
     async def _genserve_error(request: Request, exc: GenServeError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(BadRequest(describe_validation_errors(list(exc.errors()))))
+        return error_response(BadRequest(describe_validation_errors(list(exc.errors()))), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -79,9 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GenServeError(message, headers=dict(exc.headers or {}))
         error.status_code = exc.status_code
         error.error_type = _STATUS_TYPES.get(exc.status_code, "http_error")
-        return error_response(error)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(GenServeError("internal server error; see the server log"))
+        return error_response(GenServeError("internal server error; see the server log"), request.url.path)

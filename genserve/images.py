@@ -151,3 +151,35 @@ def encode_png(image: Image.Image, compress_level: int = 1) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def openai_mask_to_png(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> bytes:
+    """An OpenAI-style mask → GenServe's (white = repaint), as PNG.
+
+    OpenAI marks the area to edit with fully transparent pixels; a mask without any transparency is taken as
+    black-and-white, white = edit, as GenServe's own masks are.
+    """
+    image = decode_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels).image
+    if "A" in image.getbands() or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        lowest, _ = alpha.getextrema()  # one band: (min, max)
+        if isinstance(lowest, (int, float)) and lowest < 255:
+            return encode_png(alpha.point(lambda value: 255 if value == 0 else 0).convert("L"))
+    return encode_png(_to_8bit(image).convert("L"))
+
+
+def image_size(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> tuple[int, int]:
+    """Width and height of an encoded image, validated like any input."""
+    size: tuple[int, int] = decode_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels).image.size
+    return size
+
+
+def reencode(path: str, fmt: str, quality: int) -> bytes:
+    """A stored PNG as PNG (unchanged), JPEG or WEBP bytes."""
+    if fmt == "png":
+        with open(path, "rb") as file:
+            return file.read()
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=fmt.upper(), quality=quality)
+        return buffer.getvalue()

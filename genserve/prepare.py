@@ -8,6 +8,7 @@ BadRequest / PayloadTooLarge naming the field; nothing is queued until this retu
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 from genserve.config import CONTROL_MODES, Config
 from genserve.errors import BadRequest
+from genserve.fetch import FetchPolicy, fetch_url, is_url
 from genserve.images import DecodedImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
 from genserve.messages import JobRequest, Mode, RawImage
 from genserve.schemas import MAX_SEED, GenerateRequest
@@ -33,7 +35,8 @@ USED_IMAGES: dict[Mode, tuple[str, ...]] = {
     "controlnet": ("control_image", "input_image"),
 }
 
-SIZE_MULTIPLE = 16  # FLUX packs 2×2 latent patches of an 8× VAE
+SIZE_MULTIPLE = 16
+_SCHEME = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")  # FLUX packs 2×2 latent patches of an 8× VAE
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,24 @@ def resolve_seed(seed: int | None, config: Config) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
 
 
+def url_policy(config: Config) -> FetchPolicy:
+    return FetchPolicy(
+        allow_private=config.inputs.allow_private_urls,
+        timeout_s=config.inputs.url_timeout_s,
+        max_bytes=config.limits.max_upload_bytes,
+        max_redirects=config.inputs.url_max_redirects,
+    )
+
+
+def _image_bytes(value: bytes | str, field: str, config: Config) -> bytes:
+    """An upload as is; text as an http(s) URL to fetch, or base64 / a data: URI to decode."""
+    if isinstance(value, bytes):
+        return value
+    if is_url(value) or _SCHEME.match(value[:32]):  # any scheme://: fetch_url says why file:// etc. are refused
+        return fetch_url(value, field, url_policy(config))
+    return decode_base64_field(value, field, config.limits.max_upload_bytes)
+
+
 def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[str, DecodedImage]:
     limits = config.limits
     decoded: dict[str, DecodedImage] = {}
@@ -82,7 +103,7 @@ def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[st
         value = images.get(field)
         if value is None or (isinstance(value, (str, bytes)) and len(value) == 0):
             continue
-        data = decode_base64_field(value, field, limits.max_upload_bytes) if isinstance(value, str) else value
+        data = _image_bytes(value, field, config)
         decoded[field] = decode_image(
             data, field, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels
         )

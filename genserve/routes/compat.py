@@ -10,17 +10,15 @@ Runs on the API process's event loop; store reads and image re-encoding go throu
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from genserve.errors import NotFound
+from genserve.images import reencode
 from genserve.job_manager import record_of, record_view
 from genserve.jobs import Job, JobState
 from genserve.service import Service, get_service
@@ -47,13 +45,6 @@ def _absolute(request: Request, path: str) -> str:
 # --- seed 000 ------------------------------------------------------------------------------------------------------
 
 
-def _reencode(path: Path, fmt: str, quality: int) -> bytes:
-    with Image.open(path) as image:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=fmt.upper(), quality=quality)
-        return buffer.getvalue()
-
-
 @router.get(
     "/image/{task_id}",
     summary="The job's image: PNG, or re-encoded as JPEG/WEBP on request",
@@ -77,7 +68,7 @@ async def get_image(
     if format == "png":
         return FileResponse(path, media_type="image/png", background=BackgroundTask(service.store.release, task_id))
     try:
-        data = await run_in_threadpool(_reencode, path, format, quality)
+        data = await run_in_threadpool(reencode, str(path), format, quality)
     finally:
         service.store.release(task_id)
     return Response(data, media_type=MEDIA_TYPES[format])

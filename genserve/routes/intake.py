@@ -1,4 +1,4 @@
-"""From an HTTP request to a prepared, submitted job — shared by /generate, /generate/img2img, /jobs, /jobs/form.
+"""From an HTTP request to prepared, submitted jobs and back — shared by every route that generates.
 
 Runs on the event loop; everything CPU-bound or blocking (JSON parsing, image decoding, the SQLite insert, the
 supervisor's lock) is sent to the thread pool. Errors carry the request's model_id and mode for the error body.
@@ -6,6 +6,7 @@ supervisor's lock) is sent to the thread pool. Errors carry the request's model_
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,12 +15,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from genserve.errors import BadRequest, GenServeError, PayloadTooLarge
+from genserve.errors import BadRequest, GenServeError, JobTimeout, PayloadTooLarge
 from genserve.http_errors import bad_request_from_validation
-from genserve.jobs import Job
+from genserve.jobs import Job, wait_for_job
 from genserve.prepare import EncodedImages, PreparedJob, prepare_job
 from genserve.schemas import IMAGE_FIELDS, GenerateRequest
 from genserve.service import Service
+from genserve.supervisor import TIMEOUT_REASON
 
 
 def json_body_schema() -> dict[str, Any]:
@@ -66,7 +68,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object with at least 'prompt'")
     try:
@@ -75,6 +77,15 @@ def parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() in ("application/json", "")
+
+
+def parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
+    data = parse_json_object(body)
     try:
         req = GenerateRequest.model_validate(data)
     except ValidationError as exc:
@@ -87,23 +98,35 @@ def parse_json_request(body: bytes) -> tuple[GenerateRequest, EncodedImages]:
     return req, images
 
 
-async def parse_form_request(request: Request, max_upload: int) -> tuple[GenerateRequest, EncodedImages]:
-    form = await request.form(max_files=len(IMAGE_FIELDS) + 4, max_fields=64)
+async def read_form(
+    request: Request, image_fields: tuple[str, ...], max_upload: int, keep_empty: tuple[str, ...] = ("prompt",)
+) -> tuple[dict[str, Any], dict[str, bytes | str]]:
+    """A multipart/urlencoded body → (text fields, images by field). Images may be files or base64/URL text."""
+    form = await request.form(max_files=len(image_fields) + 4, max_fields=64)
     fields: dict[str, Any] = {}
     images: dict[str, bytes | str] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
-            if key not in IMAGE_FIELDS:
-                raise BadRequest(f"unexpected file field {key!r}; files go in {', '.join(IMAGE_FIELDS)}")
+            if key not in image_fields:
+                raise BadRequest(f"unexpected file field {key!r}; files go in {', '.join(image_fields)}", param=key)
+            if key in images:
+                raise BadRequest(f"{key} was sent more than once; send one image", param=key)
             data = await value.read(max_upload + 1)
             if len(data) > max_upload:
-                raise PayloadTooLarge(f"{key} is larger than the {max_upload // (1024 * 1024)} MB limit per image")
+                raise PayloadTooLarge(
+                    f"{key} is larger than the {max_upload // (1024 * 1024)} MB limit per image", param=key
+                )
             images[key] = data
-        elif key in IMAGE_FIELDS:
+        elif key in image_fields:
             if value:
-                images[key] = value  # base64 text in a form field works too
-        elif value != "" or key == "prompt":  # an empty optional form field means "not given"
+                images[key] = value  # base64, a data: URI or an http(s) URL in a text field
+        elif value != "" or key in keep_empty:  # an empty optional form field means "not given"
             fields[key] = value
+    return fields, images
+
+
+async def parse_form_request(request: Request, max_upload: int) -> tuple[GenerateRequest, EncodedImages]:
+    fields, images = await read_form(request, IMAGE_FIELDS, max_upload)
     try:
         req = GenerateRequest.model_validate(fields)
     except ValidationError as exc:
@@ -137,3 +160,52 @@ async def submit(service: Service, prepared: PreparedJob) -> Job:
         raise exc.with_context(
             task_id=prepared.request.job_id, model_id=prepared.model_id, mode=prepared.request.mode
         ) from None
+
+
+async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> None:
+    """Wait until every job has ended; raise the first failure (stopping the rest: nobody gets a partial answer).
+
+    The deadline (queue.task_timeout_s) stops whatever is unfinished and raises JobTimeout. A client that hangs up
+    gets its still-queued jobs cancelled (queue.cancel_abandoned); running ones finish and stay retrievable by id.
+    """
+    timeout = service.config.queue.task_timeout_s
+    finished = asyncio.ensure_future(asyncio.wait_for(_until_all_end_or_one_fails(jobs), timeout=timeout))
+    hung_up = asyncio.ensure_future(_client_hangs_up(request))
+    try:
+        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        if not finished.done() and service.config.queue.cancel_abandoned:
+            for job in jobs:
+                service.supervisor.cancel_queued(job, "client disconnected")
+        await finished  # raises TimeoutError at the deadline
+    except asyncio.TimeoutError:
+        for job in jobs:
+            service.supervisor.cancel(job, TIMEOUT_REASON)
+        raise JobTimeout(f"job did not finish within queue.task_timeout_s={timeout:g} s; it was stopped") from None
+    except asyncio.CancelledError:
+        for job in jobs:
+            service.supervisor.cancel(job, "request abandoned")
+        raise
+    finally:
+        for task in (finished, hung_up):
+            task.cancel()
+    failed = next((job for job in jobs if job.error is not None), None)
+    if failed is not None:
+        for job in jobs:
+            service.supervisor.cancel(job, "another image of the same request failed")
+        assert failed.error is not None
+        raise failed.error
+
+
+async def _until_all_end_or_one_fails(jobs: list[Job]) -> None:
+    for job in jobs:
+        await wait_for_job(job)
+        if job.error is not None:
+            return
+
+
+async def _client_hangs_up(request: Request) -> None:
+    """Returns when the client disconnects (the request body has been read, so receive() only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

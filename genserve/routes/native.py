@@ -7,7 +7,6 @@ base64-encoded in the thread pool.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from pathlib import Path
@@ -18,13 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from genserve import __version__
-from genserve.errors import GenServeError, JobTimeout
-from genserve.jobs import Job, wait_for_job
+from genserve.errors import GenServeError
+from genserve.jobs import Job
 from genserve.prepare import PreparedJob
 from genserve.routes import intake
 from genserve.schemas import GenerateResponse
 from genserve.service import Service, get_service
-from genserve.supervisor import TIMEOUT_REASON
 
 router = APIRouter()
 
@@ -74,9 +72,7 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
 async def _submit_and_wait(request: Request, service: Service, prepared: PreparedJob, started: float) -> Response:
     job = await intake.submit(service, prepared)
     try:
-        await _wait_or_cancel(request, service, job)
-        if job.error is not None:
-            raise job.error
+        await intake.wait_for_jobs(request, service, [job])
         body = await run_in_threadpool(_render_success, job, prepared, time.perf_counter() - started)
         return Response(content=body, media_type="application/json")
     except GenServeError as exc:
@@ -87,40 +83,6 @@ async def _submit_and_wait(request: Request, service: Service, prepared: Prepare
             gpu_id=job.device,
             elapsed_time=time.perf_counter() - started,
         ) from None
-
-
-async def _wait_or_cancel(request: Request, service: Service, job: Job) -> None:
-    """Wait for the job; stop it at the deadline, or when the client hangs up while it is still queued."""
-    timeout = service.config.queue.task_timeout_s
-    finished = asyncio.ensure_future(asyncio.wait_for(wait_for_job(job), timeout=timeout))
-    hung_up = asyncio.ensure_future(_client_hangs_up(request))
-    try:
-        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-        if finished.done():
-            finished.result()  # raises TimeoutError at the deadline
-            return
-        # The client is gone. A queued job is cancelled (nobody would receive its image); a running one finishes
-        # and stays retrievable by its id. Either way the answer goes nowhere; waiting keeps the bookkeeping simple.
-        if service.config.queue.cancel_abandoned:
-            service.supervisor.cancel_queued(job, "client disconnected")
-        await finished
-    except asyncio.TimeoutError:
-        service.supervisor.cancel(job, TIMEOUT_REASON)
-        raise JobTimeout(f"job did not finish within queue.task_timeout_s={timeout:g} s; it was stopped") from None
-    except asyncio.CancelledError:
-        service.supervisor.cancel(job, "request abandoned")
-        raise
-    finally:
-        for task in (finished, hung_up):
-            task.cancel()
-
-
-async def _client_hangs_up(request: Request) -> None:
-    """Returns when the client disconnects (the request body has been read, so receive() only reports that)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 @router.post(
