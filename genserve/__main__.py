@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from genserve import __version__
 from genserve.config import ConfigError, load_config, resolve_config_path
+
+if TYPE_CHECKING:
+    from genserve.supervisor import WorkerTarget
 
 log = logging.getLogger("genserve")
 
@@ -25,7 +29,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = None) -> int:
+    """Serve. ``worker_target`` replaces the worker process's entry point (fault-injection tests only)."""
     args = _parse_args(argv)
     try:
         path = resolve_config_path(args.config)
@@ -42,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from genserve.app import create_app
 
-    app = create_app(config)
+    try:
+        app = create_app(config, worker_target=worker_target)
+    except ConfigError as exc:  # e.g. an unreadable auth.keys_file
+        print(f"genserve: {exc}", file=sys.stderr)
+        return 2
     server = uvicorn.Server(
         uvicorn.Config(
             app,

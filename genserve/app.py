@@ -11,9 +11,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from genserve import __version__
+from genserve.auth import KeyRing, authorize
 from genserve.config import Config, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 def create_app(
     config: Config, *, devices: list[str] | None = None, worker_target: WorkerTarget | None = None
 ) -> FastAPI:
+    keyring = KeyRing.from_config(config)
+    _warn_if_exposed(config, keyring)
     modes, notes = config.served_modes()
     for note in notes:
         log.warning(note)
@@ -68,8 +71,10 @@ def create_app(
         version=__version__,
         description="FLUX.1-dev image generation from a pool of GPU worker processes.",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],
     )
     app.state.service = service
+    app.state.keyring = keyring
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(jobs_routes.router)
@@ -77,6 +82,18 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(process.router)
     return app
+
+
+def _warn_if_exposed(config: Config, keyring: KeyRing) -> None:
+    if keyring.enabled:
+        log.info("API keys required on every route but /health and /ready (%d key(s))", len(keyring.names()))
+        return
+    if config.server.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "!!! GenServe listens on %s WITHOUT API KEYS: anyone who can reach this port can spend your GPUs. "
+            "Configure auth.keys, auth.keys_file or GENSERVE_API_KEYS. !!!",
+            config.server.host,
+        )
 
 
 async def _run_retention(config: Config, store: ResultStore) -> None:

@@ -52,7 +52,11 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_RESULTS_DIR": ("results", "dir"),
     "GENSERVE_ALLOW_PRIVATE_URLS": ("inputs", "allow_private_urls"),
     "GENSERVE_PUBLIC_BASE_URL": ("openai", "public_base_url"),
+    "GENSERVE_MAX_QUEUE_SIZE": ("queue", "max_size"),
+    "GENSERVE_API_KEYS_FILE": ("auth", "keys_file"),
 }
+# GENSERVE_API_KEYS="name:key:scope,scope;name2:key2:scope" adds keys (parsed below, never logged).
+ENV_API_KEYS = "GENSERVE_API_KEYS"
 # Read by load_config itself, not mapped to a field.
 ENV_CONFIG_FILE = "GENSERVE_CONFIG"
 
@@ -151,6 +155,21 @@ class WorkersConfig(_Section):
     shutdown_timeout_s: float = Field(
         10.0, ge=0, description="At shutdown, how long a worker may take to exit before terminate, then kill."
     )
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A worker whose heartbeats stop for this long is hung: killed and respawned."
+    )
+    first_step_timeout_s: float = Field(
+        600.0, gt=0, description="A job with no finished step after this long (prompt encoding included) is a hang."
+    )
+    stall_timeout_s: float = Field(
+        120.0, gt=0, description="After the first step, the least silence between steps that counts as a hang."
+    )
+    stall_pace_factor: float = Field(
+        5.0, ge=1, description="…or this many times the job's slowest step so far, if longer: a slow step is no hang."
+    )
+    max_consecutive_oom: int = Field(
+        3, ge=1, description="Out-of-memory failures in a row after which the worker restarts to get clean memory."
+    )
 
     @field_validator("devices")
     @classmethod
@@ -166,11 +185,14 @@ class WorkersConfig(_Section):
 
 
 class QueueConfig(_Section):
-    max_size: int = Field(100, ge=1, description="Jobs waiting in the global queue; beyond it requests get 503.")
+    max_size: int = Field(
+        100, ge=1, description="Jobs waiting in the global queue; beyond it requests get 429 with Retry-After."
+    )
     task_timeout_s: float = Field(
         600.0,
         gt=0,
-        description="Longest a job may take from submission to result; then 408 and it is cancelled.",
+        description="Longest a job may take from submission to result (and the cap of a request's own timeout); "
+        "past it a queued job leaves the queue, a running one is stopped, and a waiting client gets 408.",
     )
     cancel_abandoned: bool = Field(
         True, description="Cancel a synchronous request's job when its client hangs up while the job is still queued."
@@ -182,6 +204,31 @@ class ResultsConfig(_Section):
     max_age_hours: float = Field(168.0, gt=0, description="Jobs and images older than this are deleted.")
     max_total_gb: float = Field(20.0, gt=0, description="Oldest images are deleted while the store is larger.")
     cleanup_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
+
+
+Scope = Literal["generate", "read", "admin"]
+
+
+def _default_scopes() -> list[Scope]:
+    return ["generate", "read"]
+
+
+class ApiKeyConfig(_Section):
+    name: str = Field(min_length=1, description="Who holds the key (logged and shown; the key itself never is).")
+    key: str = Field(min_length=16, description="The secret, at least 16 characters.")
+    scopes: list[Scope] = Field(
+        default_factory=_default_scopes, min_length=1, description="generate, read, admin (= all)."
+    )
+
+
+class AuthConfig(_Section):
+    keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="API keys; once any key exists, every route but /health and /ready needs one."
+    )
+    keys_file: str = Field(
+        "", description="YAML file of hashed keys: {keys: [{name, sha256, scopes}]} (python -m genserve.auth hashes)."
+    )
+    max_jobs_per_key: int = Field(0, ge=0, description="Jobs one key may have queued or running at once; 0: no cap.")
 
 
 class InputsConfig(_Section):
@@ -280,6 +327,7 @@ class Config(_Section):
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
@@ -332,7 +380,7 @@ def _is_text_field(annotation: Any) -> bool:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG_FILE, ENV_API_KEYS):
             continue
         if name in ENV_SHORTCUTS:
             section, field = ENV_SHORTCUTS[name]
@@ -351,6 +399,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         value = raw if _is_text_field(annotation) else _parse_env_value(raw)
         overrides.setdefault(section, {})[field] = value
     return overrides
+
+
+def _env_api_keys(environ: Mapping[str, str]) -> list[dict[str, Any]]:
+    """GENSERVE_API_KEYS="name:key:scope,scope;…" → key entries. Errors name the entry, never the key."""
+    raw = environ.get(ENV_API_KEYS, "")
+    keys: list[dict[str, Any]] = []
+    for index, entry in enumerate(part.strip() for part in raw.split(";")):
+        if not entry:
+            continue
+        pieces = entry.split(":")
+        if len(pieces) not in (2, 3) or not pieces[0] or not pieces[1]:
+            raise ConfigError(f"{ENV_API_KEYS} entry {index + 1} must be name:key or name:key:scope,scope")
+        scopes = [scope.strip() for scope in pieces[2].split(",") if scope.strip()] if len(pieces) == 3 else None
+        keys.append({"name": pieces[0], "key": pieces[1], **({"scopes": scopes} if scopes else {})})
+    return keys
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -402,6 +465,11 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded
     data = _merge(data, _env_overrides(environ))
+    env_keys = _env_api_keys(environ)
+    if env_keys:  # added to the file's keys, not instead of them
+        auth = dict(data.get("auth") or {})
+        auth["keys"] = [*(auth.get("keys") or []), *env_keys]
+        data["auth"] = auth
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -56,6 +56,30 @@ class AlreadyEnded(GenServeError):
     error_type = "conflict"
 
 
+class Unauthorized(GenServeError):
+    """No API key, or one the server does not know."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+
+
+class Forbidden(GenServeError):
+    """A known API key without the scope the route needs."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class TooManyRequests(GenServeError):
+    """Admission control: the queue is at its depth limit, or the key has its quota of jobs in flight."""
+
+    status_code = 429
+    error_type = "too_many_requests"
+
+
 class PayloadTooLarge(GenServeError):
     status_code = 413
     error_type = "payload_too_large"
@@ -73,7 +97,7 @@ class NotReady(ServiceUnavailable):
     error_type = "not_ready"
 
 
-class QueueFull(ServiceUnavailable):
+class QueueFull(TooManyRequests):
     error_type = "queue_full"
 
 
@@ -103,6 +127,12 @@ class JobFailed(GenServeError):
     def __init__(self, message: str, *, worker_error_type: str = "") -> None:
         super().__init__(message)
         self.worker_error_type = worker_error_type
+
+
+class OutOfMemory(JobFailed):
+    """The device (or host) ran out of memory for this job; the worker freed its cache and serves on."""
+
+    error_type = "out_of_memory"
 
 
 class WorkerDied(GenServeError):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from genserve.config import Config
-from genserve.errors import AlreadyEnded, GenServeError, NotFound
+from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
 from genserve.jobs import Job, JobEvent, JobState
 from genserve.prepare import PreparedJob
 from genserve.store import JobRecord, ResultStore
@@ -39,38 +39,63 @@ class JobManager:
 
     # --- submission ----------------------------------------------------------------------------------------------
 
-    def submit(self, prepared: PreparedJob) -> Job:
-        """Record and queue a prepared job. Raises NotReady / QueueFull / ShuttingDown; nothing is kept then.
+    def submit(self, prepared: PreparedJob, *, owner: str | None = None, timeout_s: float | None = None) -> Job:
+        """Record and queue a prepared job within ``timeout_s``. Raises TooManyRequests (per-key cap, full queue),
+        NotReady or ShuttingDown; nothing is kept then.
 
         Blocking (SQLite write, supervisor lock): call it from the thread pool, not the event loop.
         """
         request = replace(prepared.request, output_path=str(self.store.image_path(prepared.request.job_id)))
-        job = Job(request=request, priority=prepared.priority, model_id=prepared.model_id, params=prepared.params)
-        self.store.insert(
-            JobRecord(
-                id=job.id,
-                status=JobState.QUEUED.value,
-                mode=request.mode,
-                model_id=prepared.model_id,
-                priority=prepared.priority,
-                params=prepared.params,
-                submitted_at=job.submitted_at,
-                seed=request.seed,
-                width=request.width,
-                height=request.height,
-            )
+        timeout_s = self.config.queue.task_timeout_s if timeout_s is None else timeout_s
+        job = Job(
+            request=request,
+            priority=prepared.priority,
+            model_id=prepared.model_id,
+            params={**prepared.params, "timeout_s": timeout_s},
+            owner=owner,
         )
-        job.add_listener(self._persist)
-        with self._lock:
-            self._live[job.id] = job
+        job.set_deadline(timeout_s)
+        with self._lock:  # the quota check and the reservation are one step, or two requests could both pass
+            in_flight = self._jobs_in_flight(owner)
+            if not in_flight.over:
+                self._live[job.id] = job
+        if in_flight.over:  # raised outside our lock: Retry-After asks the supervisor (lock order: supervisor first)
+            raise TooManyRequests(
+                f"API key '{owner}' has {in_flight.count} jobs queued or running, its limit (auth.max_jobs_per_key)",
+                headers={"Retry-After": str(self._supervisor().retry_after_s())},
+                code="key_quota_exceeded",
+            )
         try:
+            self.store.insert(
+                JobRecord(
+                    id=job.id,
+                    status=JobState.QUEUED.value,
+                    mode=request.mode,
+                    model_id=prepared.model_id,
+                    priority=prepared.priority,
+                    params=job.params,
+                    submitted_at=job.submitted_at,
+                    seed=request.seed,
+                    width=request.width,
+                    height=request.height,
+                )
+            )
+            job.add_listener(self._persist)
             self._supervisor().submit(job)
-        except GenServeError:
+        except BaseException:
             with self._lock:
                 self._live.pop(job.id, None)
             self.store.delete(job.id)
             raise
         return job
+
+    def _jobs_in_flight(self, owner: str | None) -> _Quota:
+        """Under self._lock: how many live jobs ``owner`` has, and whether that is its limit."""
+        cap = self.config.auth.max_jobs_per_key
+        if not cap or owner is None:
+            return _Quota(0, False)
+        count = sum(1 for job in self._live.values() if job.owner == owner and not job.done)
+        return _Quota(count, count >= cap)
 
     def _persist(self, job: Job, event: JobEvent) -> None:
         """Keep the stored record in step with the job (monitor thread; progress is not written, only states)."""
@@ -152,6 +177,12 @@ class JobManager:
         for job in self.live_jobs():
             if job.state is JobState.QUEUED and job.subscriber_count:
                 job.mark_queued(supervisor.queue_position(job))
+
+
+@dataclass(frozen=True)
+class _Quota:
+    count: int
+    over: bool
 
 
 def _terminal_columns(job: Job) -> dict[str, Any]:

@@ -77,6 +77,9 @@ class Job:
     model_id: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # the effective request, without image bytes
     submitted_at: float = field(default_factory=time.time)
+    owner: str | None = None  # API key name that submitted it (None when keys are off)
+    timeout_s: float = float("inf")  # its time budget from submission
+    deadline: float = float("inf")  # time.monotonic() by which it must have ended
     state: JobState = JobState.QUEUED
     attempts: int = 0  # how many times a worker was handed this job
     worker_slot: int | None = None  # the worker that runs (or ran) it
@@ -100,6 +103,13 @@ class Job:
     @property
     def id(self) -> str:
         return self.request.job_id
+
+    def set_deadline(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
     @property
     def done(self) -> bool:

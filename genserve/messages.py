@@ -42,6 +42,7 @@ class WorkerSpec:
     dtype: str  # "auto", "bfloat16", "float16" or "float32"
     cpu_threads: int  # torch threads on a CPU device; 0 leaves torch's default
     heartbeat_interval_s: float  # how often to send Heartbeat
+    max_consecutive_oom: int  # out-of-memory failures in a row after which the worker exits to restart clean
     log_level: str  # logging level name for the worker's own log lines
 
 
@@ -150,6 +151,9 @@ class JobFailure:
     error_type: str  # "canceled", "out_of_memory", or the exception class name
     message: str  # human-readable reason
 
+
+# Exit code of a worker that left on purpose after workers.max_consecutive_oom out-of-memory failures in a row.
+EXIT_AFTER_OOM = 75  # EX_TEMPFAIL
 
 WorkerInbound = JobRequest | CancelJob | Shutdown
 WorkerOutbound = WorkerReady | WorkerStartupFailed | Heartbeat | JobStarted | JobProgress | JobResult | JobFailure

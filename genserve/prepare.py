@@ -45,6 +45,7 @@ class PreparedJob:
     priority: int
     model_id: str
     params: dict[str, Any]  # the effective request as recorded and shown (no image bytes)
+    timeout_s: float | None = None  # the request's own deadline, if it asked for one (capped when submitted)
 
 
 EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
@@ -182,4 +183,4 @@ def prepare_job(
         params["strength"] = request.strength
     if mode == "controlnet":
         params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
-    return PreparedJob(request=request, priority=priority, model_id=model_id, params=params)
+    return PreparedJob(request=request, priority=priority, model_id=model_id, params=params, timeout_s=req.timeout)

@@ -42,6 +42,9 @@ class GenerateRequest(BaseModel):
     priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="Lower runs first; FIFO within one.")
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="img2img strength, (0, 1].")
     controlnet_type: str | None = Field(None, description="canny | tile | depth | blur | openpose | gray | lq.")
+    timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Seconds this request may take; capped by queue.task_timeout_s."
+    )
     input_image: str | None = Field(None, description="Base64 or data: URI (JSON); a file (form-data).")
     mask_image: str | None = Field(None, description="Fill mask, white = repaint; same size as input_image.")
     control_image: str | None = Field(None, description="ControlNet conditioning image.")

@@ -18,6 +18,7 @@ and /ready and /status say why.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -31,9 +32,19 @@ from typing import Any
 import torch.multiprocessing as torch_mp
 
 from genserve.config import Config, expand_path
-from genserve.errors import JobCanceled, JobFailed, JobTimeout, NotReady, QueueFull, ShuttingDown, WorkerDied
+from genserve.errors import (
+    JobCanceled,
+    JobFailed,
+    JobTimeout,
+    NotReady,
+    OutOfMemory,
+    QueueFull,
+    ShuttingDown,
+    WorkerDied,
+)
 from genserve.jobs import Job, JobState
 from genserve.messages import (
+    EXIT_AFTER_OOM,
     CancelJob,
     Heartbeat,
     JobFailure,
@@ -50,6 +61,7 @@ from genserve.queue import PriorityQueue, QueueFullError
 
 log = logging.getLogger(__name__)
 
+_DEADLINE_SOURCE = "the request's timeout, capped by queue.task_timeout_s"
 TIMEOUT_REASON = "timeout"  # cancel reason of a job stopped by its deadline: it ends failed, not canceled
 
 WorkerTarget = Callable[[WorkerSpec, Connection], None]
@@ -79,9 +91,14 @@ class WorkerSlot:
     respawn_at: float | None = None  # monotonic time of the scheduled respawn
     spawned_at: float | None = None  # monotonic
     ready_since: float | None = None  # wall clock
-    last_heartbeat: float | None = None  # monotonic
+    last_heartbeat: float | None = None  # monotonic: any message counts
+    job_began: float | None = None  # monotonic: when the current job was handed over
+    last_progress: float | None = None  # monotonic: the current job's last finished step (or its hand-over)
+    steps_seen: int = 0  # steps of the current job reported so far
+    slowest_step_s: float = 0.0  # the current job's slowest step: what a "slow step, not a hang" is judged by
     jobs_done: int = 0
-    last_error: str | None = None
+    last_error: str | None = None  # why the slot's process last died or failed to start (kept after recovery)
+    death_cause: str | None = None  # set just before a death we caused or were told about; read by _on_death
     gave_up: bool = False  # restart budget spent: no more respawns
 
     @property
@@ -120,6 +137,7 @@ class Supervisor:
         self._started_at = time.time()
         self._ever_ready = False  # some worker has reported ready at least once
         self._outgoing: list[tuple[WorkerSlot, object]] = []  # messages the monitor sends once it drops the lock
+        self._finishes: deque[float] = deque(maxlen=64)  # monotonic times jobs left workers: the drain rate
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -182,9 +200,10 @@ class Supervisor:
             try:
                 self._queue.push(job, job.priority)
             except QueueFullError:
+                retry = self._retry_after_s()
                 raise QueueFull(
-                    f"queue is full ({self._queue.max_size} jobs waiting); retry later",
-                    headers={"Retry-After": "5"},
+                    f"queue is full ({self._queue.max_size} jobs waiting); retry in about {retry} s",
+                    headers={"Retry-After": str(retry)},
                 ) from None
             job.mark_queued(self._queue.position(job))
             self._on_queue_change()
@@ -213,6 +232,18 @@ class Supervisor:
             self._end_canceled(job)
             self._on_queue_change()
             return True
+
+    def retry_after_s(self) -> int:
+        with self._lock:
+            return self._retry_after_s()
+
+    def _retry_after_s(self) -> int:
+        """Seconds until a place in line is likely free, from how fast jobs have been leaving the workers."""
+        if len(self._finishes) >= 2 and self._finishes[-1] > self._finishes[0]:
+            rate = (len(self._finishes) - 1) / (self._finishes[-1] - self._finishes[0])
+        else:  # nothing measured yet: guess half a minute per job per loaded worker
+            rate = max(1, sum(slot.loaded for slot in self._slots)) / 30.0
+        return int(min(3600, max(1, math.ceil(1 / rate))))
 
     def queued_jobs(self) -> list[Job]:
         """Waiting jobs in the order they will run."""
@@ -259,7 +290,12 @@ class Supervisor:
                     "global_queue_size": len(self._queue),
                 },
                 "workers": workers,
-                "queue": {"size": len(self._queue), "max_size": self._queue.max_size},
+                "queue": {
+                    "size": len(self._queue),
+                    "max_size": self._queue.max_size,
+                    "saturated": len(self._queue) >= self._queue.max_size,
+                    "retry_after_s": self._retry_after_s(),
+                },
                 "uptime_s": round(time.time() - self._started_at, 3),
             }
 
@@ -323,6 +359,8 @@ class Supervisor:
                     self._handle_ready(ready, waitables)
                     self._respawn_due_slots()
                     self._kill_slow_starters()
+                    self._kill_hung_workers()
+                    self._expire_deadlines()
                     self._send_pending_cancels()
                     self._dispatch()
                     outgoing, self._outgoing = self._outgoing, []
@@ -371,6 +409,7 @@ class Supervisor:
         if isinstance(message, JobProgress):
             job = self._current_job(slot, message.job_id)
             if job is not None:
+                self._note_step(slot)
                 job.mark_progress(message.step, message.total_steps, message.elapsed_s)
         elif isinstance(message, JobStarted):
             job = self._current_job(slot, message.job_id)
@@ -391,7 +430,6 @@ class Supervisor:
             slot.pid = message.pid
             slot.ready_since = time.time()
             slot.consecutive_failures = 0
-            slot.last_error = None
             log.info(
                 "worker %d ready on %s (pid %d, %.1f s, modes %s)%s",
                 slot.index,
@@ -402,7 +440,7 @@ class Supervisor:
                 " — EMBEDDED RANDOM-WEIGHT TEST MODEL: images are noise" if message.embedded_model else "",
             )
         elif isinstance(message, WorkerStartupFailed):
-            slot.last_error = f"startup failed: {message.error_type}: {message.message}"
+            slot.death_cause = f"startup failed: {message.error_type}: {message.message}"
             log.error("worker %d could not start: %s: %s", slot.index, message.error_type, message.message)
         else:
             log.warning("worker %d sent an unknown message %r", slot.index, type(message).__name__)
@@ -416,6 +454,7 @@ class Supervisor:
         if job is None:
             log.warning("worker %d reported on job %s it does not hold; ignored", slot.index, job_id)
             return None
+        self._finishes.append(time.monotonic())
         slot.job = None
         if slot.state is WorkerState.BUSY:
             slot.state = WorkerState.READY
@@ -424,6 +463,12 @@ class Supervisor:
     def _fail_job(self, job: Job, failure: JobFailure) -> None:
         if failure.error_type == "canceled":
             self._end_canceled(job)
+            return
+        if failure.error_type == "out_of_memory":
+            job.finish(
+                JobState.FAILED,
+                error=OutOfMemory(f"out of memory: {failure.message}", worker_error_type=failure.error_type),
+            )
             return
         job.finish(
             JobState.FAILED,
@@ -437,7 +482,12 @@ class Supervisor:
     def _end_canceled(job: Job) -> None:
         """A stopped job ends canceled, or failed with reason timeout when its deadline stopped it."""
         if job.cancel_reason == TIMEOUT_REASON:
-            job.finish(JobState.FAILED, error=JobTimeout("job exceeded the task timeout and was stopped"))
+            job.finish(
+                JobState.FAILED,
+                error=JobTimeout(
+                    f"job ran past its deadline of {job.timeout_s:g} s ({_DEADLINE_SOURCE}) and was stopped"
+                ),
+            )
         else:
             job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({job.cancel_reason or 'by request'})"))
 
@@ -452,8 +502,11 @@ class Supervisor:
         slot.state = WorkerState.DEAD
         slot.ready_since = None
         log.warning("worker %d (pid %s, %s) died with exit code %s", slot.index, slot.pid, slot.device, exitcode)
-        if slot.last_error is None or not slot.last_error.startswith("startup failed"):
-            slot.last_error = f"process exited with code {exitcode}"
+        if exitcode == EXIT_AFTER_OOM:
+            slot.last_error = "restarted itself after repeated out-of-memory failures"
+        else:
+            slot.last_error = slot.death_cause or f"process exited with code {exitcode}"
+        slot.death_cause = None
         if job is not None:
             self._recover_job(job, slot)
         self._schedule_respawn(slot)
@@ -518,11 +571,67 @@ class Supervisor:
         now = time.monotonic()
         for slot in self._slots:
             if slot.state is WorkerState.STARTING and slot.spawned_at and now - slot.spawned_at > limit:
-                slot.last_error = (
+                slot.death_cause = (
                     f"not ready within workers.ready_timeout_s={limit:g} s; raise it if loading is just slow"
                 )
-                log.error("worker %d: %s; killing it", slot.index, slot.last_error)
+                log.error("worker %d: %s; killing it", slot.index, slot.death_cause)
                 slot.process.kill()  # its sentinel reports the death on the next turn
+
+    def _note_step(self, slot: WorkerSlot) -> None:
+        now = time.monotonic()
+        if slot.last_progress is not None:
+            slot.slowest_step_s = max(slot.slowest_step_s, now - slot.last_progress)
+        slot.last_progress = now
+        slot.steps_seen += 1
+
+    def _stall_limit_s(self, slot: WorkerSlot) -> float:
+        """How long a busy worker may go without finishing a step before it counts as hung."""
+        cfg = self.config.workers
+        if slot.steps_seen == 0:
+            return cfg.first_step_timeout_s  # prompt encoding and the first step, maybe cold kernels
+        return max(cfg.stall_timeout_s, cfg.stall_pace_factor * slot.slowest_step_s)
+
+    def _hang_deadlines(self, slot: WorkerSlot) -> list[tuple[float, str]]:
+        """(monotonic deadline, what it means) for each way this slot could turn out hung."""
+        deadlines: list[tuple[float, str]] = []
+        if slot.loaded and slot.last_heartbeat is not None:
+            limit = self.config.workers.heartbeat_timeout_s
+            deadlines.append((slot.last_heartbeat + limit, f"no heartbeat for {limit:g} s"))
+        if slot.state is WorkerState.BUSY and slot.last_progress is not None:
+            limit = self._stall_limit_s(slot)
+            what = "no first step" if slot.steps_seen == 0 else f"no step after step {slot.steps_seen}"
+            deadlines.append((slot.last_progress + limit, f"{what} within {limit:.1f} s"))
+        return deadlines
+
+    def _kill_hung_workers(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            for deadline, what in self._hang_deadlines(slot):
+                if now >= deadline and slot.process is not None:
+                    slot.death_cause = f"hung ({what}); killed"
+                    log.error("worker %d (pid %s) is hung: %s; killing it", slot.index, slot.pid, what)
+                    slot.process.kill()  # the sentinel reports the death; its job is handled as for any death
+                    break
+
+    def _expire_deadlines(self) -> None:
+        """Jobs past their deadline: out of the queue now, or stopped at the running job's next step."""
+        now = time.monotonic()
+        expired = [job for job in self._queue.ordered() if job.deadline <= now]
+        for job in expired:
+            self._queue.remove(job)
+            job.cancel_reason = TIMEOUT_REASON
+            job.finish(
+                JobState.FAILED,
+                error=JobTimeout(
+                    f"job waited past its deadline of {job.timeout_s:g} s ({_DEADLINE_SOURCE}) in the queue"
+                ),
+            )
+        if expired:
+            self._on_queue_change()
+        for slot in self._slots:
+            running = slot.job
+            if running is not None and running.cancel_reason is None and running.deadline <= now:
+                running.cancel_reason = TIMEOUT_REASON  # _send_pending_cancels tells the worker
 
     def _send_pending_cancels(self) -> None:
         for slot in self._slots:
@@ -544,6 +653,8 @@ class Supervisor:
                 break
             job.mark_dispatched(slot.index, slot.device)
             slot.job, slot.state = job, WorkerState.BUSY
+            slot.job_began = slot.last_progress = time.monotonic()
+            slot.steps_seen, slot.slowest_step_s = 0, 0.0
             # If the worker died meanwhile the send fails quietly; its sentinel fires and _on_death re-queues.
             self._outgoing.append((slot, job.request))
             dispatched = True
@@ -557,6 +668,11 @@ class Supervisor:
                 deadlines.append(slot.respawn_at)
             if slot.state is WorkerState.STARTING and slot.spawned_at is not None:
                 deadlines.append(slot.spawned_at + self.config.workers.ready_timeout_s + 0.01)
+            deadlines.extend(deadline + 0.01 for deadline, _ in self._hang_deadlines(slot))
+            if slot.job is not None and slot.job.cancel_reason is None:
+                deadlines.append(slot.job.deadline)
+        deadlines.extend(job.deadline for job in self._queue.ordered())
+        deadlines = [deadline for deadline in deadlines if deadline != float("inf")]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -592,6 +708,7 @@ class Supervisor:
             dtype=cfg.model.dtype,
             cpu_threads=self._cpu_threads if slot.device == "cpu" else 0,
             heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
+            max_consecutive_oom=cfg.workers.max_consecutive_oom,
             log_level=cfg.server.log_level,
         )
 

@@ -25,8 +25,13 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path)
     """Start servers with config overrides; every one is stopped at the end of the module."""
     started: list[GenServeProcess] = []
 
-    def start(overrides: dict[str, Any] | None = None, wait_ready: bool = True) -> GenServeProcess:
-        server = GenServeProcess(tmp_path_factory.mktemp("server"), embedded_cache, overrides)
+    def start(
+        overrides: dict[str, Any] | None = None,
+        wait_ready: bool = True,
+        module: str = "genserve",
+        env: dict[str, str] | None = None,
+    ) -> GenServeProcess:
+        server = GenServeProcess(tmp_path_factory.mktemp("server"), embedded_cache, overrides, module, env)
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

@@ -44,7 +44,16 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
 
 
 class GenServeProcess:
-    def __init__(self, workdir: Path, embedded_cache: Path, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        embedded_cache: Path,
+        overrides: dict[str, Any] | None = None,
+        module: str = "genserve",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.module = module  # tests.fault_server for workers that take fault-injection markers
+        self.extra_env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -66,9 +75,10 @@ class GenServeProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 180) -> GenServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "genserve", "--config", str(self.config_path)],
+                [sys.executable, "-m", self.module, "--config", str(self.config_path)],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,

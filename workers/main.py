@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from genserve.messages import (
+    EXIT_AFTER_OOM,
     CancelJob,
     Heartbeat,
     JobFailure,
@@ -168,15 +169,27 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             load_time_s=time.monotonic() - started,
         )
     )
+    ooms_in_a_row = 0
     while True:
         message = inbox.get()
         if isinstance(message, Shutdown):
             break
-        _run_job(message, pipelines, outbox, board)
+        outcome = _run_job(message, pipelines, outbox, board)
+        if outcome != "out_of_memory":
+            ooms_in_a_row = 0
+            continue
+        ooms_in_a_row += 1
+        pipelines.free_memory()
+        if ooms_in_a_row >= spec.max_consecutive_oom:
+            # Fragmented or leaked memory does not come back by itself: a fresh process does. The supervisor
+            # respawns this slot as after any death (no job is lost: this one has already been answered).
+            log.error("%d out-of-memory failures in a row; exiting so the worker restarts clean", ooms_in_a_row)
+            sys.exit(EXIT_AFTER_OOM)
     log.info("worker %d exits", spec.slot)
 
 
-def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> None:
+def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> str:
+    """Run one job and report it; returns "completed", "canceled" or the failure's error type."""
     started_at = time.time()
     board.begin(job.job_id)
     outbox.send(JobStarted(job_id=job.job_id, started_at=started_at))
@@ -205,12 +218,15 @@ def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _C
                 encode_s=output.encode_s,
             )
         )
+        return "completed"
     except JobCanceledError as exc:
         log.info("job %s %s", job.job_id, exc)
         outbox.send(JobFailure(job_id=job.job_id, error_type="canceled", message=str(exc)))
+        return "canceled"
     except Exception as exc:
         error_type = pipelines.classify_error(exc)
         log.exception("job %s failed (%s)", job.job_id, error_type)
         outbox.send(JobFailure(job_id=job.job_id, error_type=error_type, message=str(exc) or type(exc).__name__))
+        return error_type
     finally:
         board.end()

@@ -11,6 +11,7 @@ The embedded random-weight model goes through exactly the same ``from_pretrained
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -213,3 +214,9 @@ class PipelineSet:
         if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
             return "out_of_memory"
         return type(exc).__name__
+
+    def free_memory(self) -> None:
+        """After an out-of-memory failure: drop what the failed job left behind, give cached blocks back."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()

@@ -23,6 +23,8 @@ from genserve.schemas import IMAGE_FIELDS, GenerateRequest
 from genserve.service import Service
 from genserve.supervisor import TIMEOUT_REASON
 
+DEADLINE_GRACE_S = 5.0  # how long past its deadline a waiting client still waits for the worker to confirm the stop
+
 
 def json_body_schema() -> dict[str, Any]:
     return {
@@ -153,9 +155,25 @@ async def _prepare(service: Service, req: GenerateRequest, images: EncodedImages
         raise exc.with_context(model_id=req.model_id or service.config.model.id, mode=req.mode) from None
 
 
-async def submit(service: Service, prepared: PreparedJob) -> Job:
+def request_timeout(request: Request, prepared: PreparedJob, cap: float) -> float:
+    """The job's time budget: the body's timeout field, else the X-Request-Timeout header, capped by config."""
+    asked = prepared.timeout_s
+    header = request.headers.get("x-request-timeout")
+    if asked is None and header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            asked = None
+        if asked is None or not 0 < asked < float("inf"):
+            raise BadRequest(f"X-Request-Timeout must be a positive number of seconds, got {header!r}")
+    return cap if asked is None else min(asked, cap)
+
+
+async def submit(request: Request, service: Service, prepared: PreparedJob) -> Job:
+    timeout_s = request_timeout(request, prepared, service.config.queue.task_timeout_s)
+    owner = getattr(request.state, "api_key", None)
     try:
-        return await run_in_threadpool(service.jobs.submit, prepared)
+        return await run_in_threadpool(service.jobs.submit, prepared, owner=owner, timeout_s=timeout_s)
     except GenServeError as exc:
         raise exc.with_context(
             task_id=prepared.request.job_id, model_id=prepared.model_id, mode=prepared.request.mode
@@ -165,10 +183,11 @@ async def submit(service: Service, prepared: PreparedJob) -> Job:
 async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> None:
     """Wait until every job has ended; raise the first failure (stopping the rest: nobody gets a partial answer).
 
-    The deadline (queue.task_timeout_s) stops whatever is unfinished and raises JobTimeout. A client that hangs up
-    gets its still-queued jobs cancelled (queue.cancel_abandoned); running ones finish and stay retrievable by id.
+    The supervisor enforces each job's deadline (a timed-out job ends failed with JobTimeout, raised here as 408).
+    The wait itself gives up DEADLINE_GRACE_S later, should a worker not answer the stop. A client that hangs up gets
+    its still-queued jobs cancelled (queue.cancel_abandoned); running ones finish and stay retrievable by id.
     """
-    timeout = service.config.queue.task_timeout_s
+    timeout = max(job.seconds_left() for job in jobs) + DEADLINE_GRACE_S
     finished = asyncio.ensure_future(asyncio.wait_for(_until_all_end_or_one_fails(jobs), timeout=timeout))
     hung_up = asyncio.ensure_future(_client_hangs_up(request))
     try:
@@ -180,7 +199,10 @@ async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> 
     except asyncio.TimeoutError:
         for job in jobs:
             service.supervisor.cancel(job, TIMEOUT_REASON)
-        raise JobTimeout(f"job did not finish within queue.task_timeout_s={timeout:g} s; it was stopped") from None
+        raise JobTimeout(
+            f"job did not finish within its deadline of {jobs[0].timeout_s:g} s (the request's timeout, capped by "
+            "queue.task_timeout_s); it was stopped"
+        ) from None
     except asyncio.CancelledError:
         for job in jobs:
             service.supervisor.cancel(job, "request abandoned")

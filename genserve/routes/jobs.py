@@ -50,7 +50,7 @@ async def _accepted(service: Service, job: Job) -> JSONResponse:
 async def submit_json(request: Request) -> JSONResponse:
     service = get_service(request)
     prepared = await intake.prepare_json(request, service)
-    return await _accepted(service, await intake.submit(service, prepared))
+    return await _accepted(service, await intake.submit(request, service, prepared))
 
 
 @router.post(
@@ -62,7 +62,7 @@ async def submit_json(request: Request) -> JSONResponse:
 async def submit_form(request: Request) -> JSONResponse:
     service = get_service(request)
     prepared = await intake.prepare_form(request, service)
-    return await _accepted(service, await intake.submit(service, prepared))
+    return await _accepted(service, await intake.submit(request, service, prepared))
 
 
 @router.get("/jobs", summary="Jobs, newest first")

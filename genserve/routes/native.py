@@ -70,7 +70,7 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
 
 
 async def _submit_and_wait(request: Request, service: Service, prepared: PreparedJob, started: float) -> Response:
-    job = await intake.submit(service, prepared)
+    job = await intake.submit(request, service, prepared)
     try:
         await intake.wait_for_jobs(request, service, [job])
         body = await run_in_threadpool(_render_success, job, prepared, time.perf_counter() - started)
@@ -166,6 +166,9 @@ async def ready(request: Request) -> JSONResponse:
         "status": snapshot["status"],
         "ready_workers": ready_workers,
         "total_workers": len(snapshot["workers"]),
+        # Full: new work gets 429 until the queue drains; a load balancer may prefer another instance.
+        "saturated": snapshot["queue"]["saturated"],
+        "queue": snapshot["queue"],
     }
     if not body["ready"]:
         body["reason"] = service.supervisor.not_ready_reason()

@@ -65,6 +65,7 @@ class ImagesRequest(BaseModel):
     priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="Lower runs first.")
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Edit strength (img2img).")
     image: str | None = Field(None, description="generations: an http(s) URL, data: URI or base64 → img2img.")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="Seconds the request may take.")
 
 
 # --- request pieces ------------------------------------------------------------------------------------------------
@@ -151,13 +152,14 @@ async def _make_images(
                 "seed": seeds[0],
                 "priority": body.priority,
                 "strength": body.strength,
+                "timeout": body.timeout,
             }
         )
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
     prepared = await run_in_threadpool(prepare_job, generate, images, config, service.modes)
     batch = [prepared] + [_variant(prepared, seed) for seed in seeds[1:]]
-    jobs = await _submit_all(service, batch)
+    jobs = await _submit_all(request, service, batch)
     await intake.wait_for_jobs(request, service, jobs)
     fmt = body.output_format or "png"
     quality = DEFAULT_QUALITY if body.output_compression is None else max(1, body.output_compression)
@@ -175,12 +177,12 @@ async def _make_images(
     )
 
 
-async def _submit_all(service: Service, batch: list[PreparedJob]) -> list[Job]:
+async def _submit_all(request: Request, service: Service, batch: list[PreparedJob]) -> list[Job]:
     """Queue every image of the request, or none: a refusal half-way takes back what was queued."""
     jobs: list[Job] = []
     try:
         for prepared in batch:
-            jobs.append(await intake.submit(service, prepared))
+            jobs.append(await intake.submit(request, service, prepared))
     except GenServeError:
         for job in jobs:
             service.supervisor.cancel(job, "another image of the same request was refused")

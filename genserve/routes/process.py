@@ -43,6 +43,7 @@ class ProcessRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     num_inference_steps: int | None = Field(None, validation_alias=AliasChoices("num_inference_steps", "steps"))
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Seed 004 passes a bearer_token for its file server; GenServe stores results itself and ignores it.
     bearer_token: str | None = None
 
@@ -86,13 +87,14 @@ async def _run(request: Request, service: Service) -> tuple[Job, ProcessMode]:
                 "cfg": params.guidance_scale,
                 "seed": -1 if params.seed is None else params.seed,
                 "strength": strength,
+                "timeout": params.timeout,
             }
         )
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
     inputs: EncodedImages = {"input_image": image} if image else {}
     prepared = await run_in_threadpool(prepare_job, generate, inputs, service.config, service.modes)
-    job = await intake.submit(service, prepared)
+    job = await intake.submit(request, service, prepared)
     await intake.wait_for_jobs(request, service, [job])
     return job, kind
 

@@ -58,7 +58,7 @@ def test_queued_jobs_run_lowest_priority_value_first_fifo_within(server: GenServ
     assert started == ["blocker", "p-2", "p1-first", "p1-second", "p3", "p5"]
 
 
-def test_full_queue_is_503_and_accepted_work_still_completes(start_server: ServerFactory) -> None:
+def test_full_queue_is_429_with_retry_after_and_accepted_work_still_completes(start_server: ServerFactory) -> None:
     server = start_server({"queue": {"max_size": 2}})
     results: dict[Any, requests.Response] = {}
     threads = [run_in_background(server, results, "blocker", **BLOCKER)]
@@ -67,10 +67,12 @@ def test_full_queue_is_503_and_accepted_work_still_completes(start_server: Serve
         threads.append(run_in_background(server, results, index, width=64, height=64))
         wait_for_queue_size(server, index + 1)
     refused = server.generate(width=64, height=64)
-    assert refused.status_code == 503
+    assert refused.status_code == 429
     assert refused.json()["error_type"] == "queue_full"
     assert "queue is full" in refused.json()["error"]
-    assert refused.headers.get("Retry-After")
+    assert int(refused.headers["Retry-After"]) >= 1
+    ready = requests.get(f"{server.url}/ready", timeout=5).json()
+    assert ready["ready"] is True and ready["saturated"] is True
     for thread in threads:
         thread.join(timeout=300)
     assert [results[key].status_code for key in ("blocker", 0, 1)] == [200, 200, 200]

@@ -1,0 +1,97 @@
+"""Out of memory, hung and silent workers — faults injected into real workers (tests/fault_worker.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServerFactory
+from tests.fault_worker import SLOW_STEP_S
+from tests.server import GenServeProcess, wait_until
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def faulty(start_server: ServerFactory) -> GenServeProcess:
+    return start_server(
+        {
+            "workers": {
+                "stall_timeout_s": 1.0,
+                "stall_pace_factor": 5,
+                "first_step_timeout_s": 20,
+                "heartbeat_interval_s": 0.2,
+                "heartbeat_timeout_s": 3,
+                "max_consecutive_oom": 3,
+                "restart_backoff_s": 0.1,
+            }
+        },
+        module="tests.fault_server",
+    )
+
+
+def worker(server: GenServeProcess) -> dict[str, Any]:
+    worker: dict[str, Any] = server.status()["workers"][0]
+    return worker
+
+
+def test_out_of_memory_fails_only_that_job_and_the_worker_serves_on(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    response = faulty.generate(prompt="[oom] a huge poster", **SMALL)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error_type"] == "out_of_memory" and "out of memory" in body["error"]
+    assert faulty.generate(prompt="a small stamp", **SMALL).status_code == 200
+    after = worker(faulty)
+    assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
+
+
+def test_out_of_memory_several_times_in_a_row_restarts_the_worker(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    for _ in range(3):
+        assert faulty.generate(prompt="[oom] again", **SMALL).json()["error_type"] == "out_of_memory"
+
+    def restarted() -> dict[str, Any] | None:
+        now = worker(faulty)
+        return now if now["restarts"] == before["restarts"] + 1 and now["state"] == "ready" else None
+
+    now = wait_until(restarted, 60, what="the worker to restart after repeated out-of-memory failures")
+    assert now["pid"] != before["pid"] and "out-of-memory" in now["last_error"]
+    assert faulty.generate(prompt="fresh memory", **SMALL).status_code == 200
+
+
+def test_slow_steps_are_not_a_hang(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    # Each step takes longer than workers.stall_timeout_s (1 s): only the pace awareness keeps it alive.
+    assert SLOW_STEP_S > 1.0
+    response = faulty.generate(prompt="[slow] a careful drawing", width=64, height=64, num_inference_steps=3)
+    assert response.status_code == 200, response.text
+    assert worker(faulty)["restarts"] == before["restarts"]
+
+
+def test_hung_worker_is_killed_and_its_job_fails_after_hanging_twice(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    response = faulty.generate(prompt="[hang] a frozen lake", timeout=180, **SMALL)
+    assert response.status_code == 500, response.text
+    assert response.json()["error_type"] == "worker_died"
+    now = faulty.wait_full_strength()["workers"][0]
+    assert now["restarts"] == before["restarts"] + 2  # hung once, re-queued, hung again on the respawn
+    assert now["last_error"].startswith("hung (no step after step 1 within")
+    assert faulty.generate(prompt="life goes on", **SMALL).status_code == 200
+
+
+def test_silent_worker_is_killed_and_respawned(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    os.kill(before["pid"], signal.SIGSTOP)  # frozen whole: not even the heartbeat thread runs
+
+    def replaced() -> dict[str, Any] | None:
+        now = worker(faulty)
+        return now if now["pid"] != before["pid"] and now["state"] == "ready" else None
+
+    now = wait_until(replaced, 60, what="the silent worker to be replaced")
+    assert now["restarts"] == before["restarts"] + 1
+    assert now["last_error"].startswith("hung (no heartbeat for")
+    assert faulty.generate(prompt="after the freeze", **SMALL).status_code == 200
