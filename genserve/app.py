@@ -19,6 +19,7 @@ from genserve.config import Config, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
+from genserve.middleware import BodySizeLimit
 from genserve.routes import compat, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.service import Service
@@ -75,6 +76,7 @@ def create_app(
     )
     app.state.service = service
     app.state.keyring = keyring
+    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(jobs_routes.router)

@@ -8,6 +8,7 @@ and answered 500 without internals.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -87,6 +88,16 @@ def uses_openai_errors(path: str) -> bool:
     return path.startswith("/v1/")
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: text the client sent (echoed in a message) may not be encodable as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: GenServeError, path: str = "") -> JSONResponse:
     """The one mapping from an error to a response: OpenAI's shape on /v1 routes, GenServe's everywhere else."""
     if exc.status_code >= 500:
@@ -95,7 +106,7 @@ def error_response(exc: GenServeError, path: str = "") -> JSONResponse:
         body = openai_error_body(exc)
     else:
         body = native_error_body(exc.status_code, exc.error_type, exc.message, exc.context)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers or None)
+    return SafeJSONResponse(body, status_code=exc.status_code, headers=exc.headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -117,5 +128,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # One line here; the server prints the traceback once more on its own (Starlette re-raises to it).
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
         return error_response(GenServeError("internal server error; see the server log"), request.url.path)

@@ -21,6 +21,7 @@ from genserve.errors import NotFound
 from genserve.images import reencode
 from genserve.job_manager import record_of, record_view
 from genserve.jobs import Job, JobState
+from genserve.routes.jobs import MAX_OFFSET
 from genserve.service import Service, get_service
 from genserve.store import JobRecord
 
@@ -170,7 +171,7 @@ async def task_status(request: Request, task_id: str) -> JSONResponse:
 
 @router.get("/api/history", summary="Recent tasks, newest first (seed 003)")
 async def history(
-    request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)
 ) -> dict[str, Any]:
     service = get_service(request)
     records, _ = await run_in_threadpool(service.store.list, None, limit, offset)

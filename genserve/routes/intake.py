@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -26,22 +27,27 @@ from genserve.supervisor import TIMEOUT_REASON
 DEADLINE_GRACE_S = 5.0  # how long past its deadline a waiting client still waits for the worker to confirm the stop
 
 
+def body_schema(
+    model: type[BaseModel], *, json: bool = True, form: bool = False, files: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """OpenAPI requestBody for routes that parse their body themselves (to keep that work off the event loop)."""
+    content: dict[str, Any] = {}
+    if json:
+        content["application/json"] = {"schema": model.model_json_schema()}
+    if form:
+        schema = model.model_json_schema()
+        for field in files:
+            schema["properties"][field] = {"type": "string", "format": "binary", "description": f"{field} file"}
+        content["multipart/form-data"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def json_body_schema() -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
-        }
-    }
+    return body_schema(GenerateRequest)
 
 
 def form_body_schema() -> dict[str, Any]:
-    schema = GenerateRequest.model_json_schema()
-    for field in IMAGE_FIELDS:
-        schema["properties"][field] = {"type": "string", "format": "binary", "description": f"{field} file"}
-    return {
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
-    }
+    return body_schema(GenerateRequest, json=False, form=True, files=IMAGE_FIELDS)
 
 
 # --- body parsing ----------------------------------------------------------------------------------------------
@@ -70,6 +76,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+# JSON's \uXXXX escapes are the one way a lone UTF-16 surrogate gets into a str: raw UTF-8 cannot carry one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object with at least 'prompt'")
@@ -79,7 +90,23 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(body):  # rare: only then walk the strings
+        _refuse_lone_surrogates(data, "request body")
     return data
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    """A lone surrogate is not text: it cannot be tokenized, stored as UTF-8 or echoed back. Refuse it up front."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            raise BadRequest(f"{where} contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF), which is not text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, where)
+            _refuse_lone_surrogates(item, f"field {key!r}" if where == "request body" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_lone_surrogates(item, where)
 
 
 def is_json(request: Request) -> bool:

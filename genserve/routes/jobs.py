@@ -24,6 +24,7 @@ router = APIRouter(tags=["jobs"])
 
 CANCEL_WAIT_S = 10.0  # a cancel answers once the job has stopped (next denoising step), or after this long
 KEEP_ALIVE_S = 15.0  # SSE comment lines keep proxies from closing a quiet stream
+MAX_OFFSET = 2**62  # SQLite integers are 64-bit: a larger offset would overflow, not just find nothing
 
 
 def job_links(job_id: str) -> dict[str, str]:
@@ -70,7 +71,7 @@ async def list_jobs(
     request: Request,
     status: str | None = Query(None, description="queued | running | completed | failed | canceled"),
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> dict[str, Any]:
     if status is not None and status not in {state.value for state in JobState}:
         raise BadRequest(f"status must be one of {', '.join(state.value for state in JobState)}, got {status!r}")

@@ -246,7 +246,17 @@ def _source_size(service: Service, data: bytes | str) -> tuple[int, int] | None:
 # --- routes --------------------------------------------------------------------------------------------------------
 
 
-@router.post("/generations", summary="OpenAI images.generate: prompt → n images (with 'image': img2img)")
+class EditFields(ImagesRequest):
+    """The multipart fields of /edits and /variations, for the OpenAPI schema (files: image, image[], mask)."""
+
+    mask: str | None = Field(None, description="Edit mask: transparent (or white) pixels are repainted.")
+
+
+@router.post(
+    "/generations",
+    summary="OpenAI images.generate: prompt → n images (with 'image': img2img)",
+    openapi_extra=intake.body_schema(ImagesRequest, json=True, form=True),
+)
 async def generations(request: Request) -> JSONResponse:
     service = get_service(request)
     fields, images = await _read(request, service, ("image",))
@@ -258,7 +268,11 @@ async def generations(request: Request) -> JSONResponse:
     return await _make_images(request, service, body, mode=mode, prompt=prompt, images=inputs)
 
 
-@router.post("/edits", summary="OpenAI images.edit: image (+ mask → fill, else img2img) and prompt → n images")
+@router.post(
+    "/edits",
+    summary="OpenAI images.edit: image (+ mask → fill, else img2img) and prompt → n images",
+    openapi_extra=intake.body_schema(EditFields, json=False, form=True, files=("image", "mask")),
+)
 async def edits(request: Request) -> JSONResponse:
     service = get_service(request)
     fields, images = await _read(request, service, ("image", "image[]", "mask"))
@@ -282,7 +296,11 @@ async def edits(request: Request) -> JSONResponse:
     return await _make_images(request, service, body, mode="fill", prompt=prompt, images=inputs, source_size=source)
 
 
-@router.post("/variations", summary="OpenAI images.create_variation: image → n img2img variations")
+@router.post(
+    "/variations",
+    summary="OpenAI images.create_variation: image → n img2img variations",
+    openapi_extra=intake.body_schema(ImagesRequest, json=False, form=True, files=("image",)),
+)
 async def variations(request: Request) -> JSONResponse:
     service = get_service(request)
     fields, images = await _read(request, service, ("image",))

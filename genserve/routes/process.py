@@ -115,7 +115,21 @@ def _json_answer(job: Job, kind: ProcessMode, service: Service, base_url: str) -
     return answer
 
 
-@router.post("", summary="Generate, edit or vary (mode picked from the inputs); JSON with base64 or a URL")
+class ProcessFields(ProcessRequest):
+    """Fields of /process for the OpenAPI schema (input_file is a file in form-data)."""
+
+    input_file: str | None = None
+    input_image_url: str | None = None
+
+
+PROCESS_BODY = intake.body_schema(ProcessFields, json=True, form=True, files=("input_file",))
+
+
+@router.post(
+    "",
+    summary="Generate, edit or vary (mode picked from the inputs); JSON with base64 or a URL",
+    openapi_extra=PROCESS_BODY,
+)
 async def process(request: Request) -> JSONResponse:
     service = get_service(request)
     job, kind = await _run(request, service)
@@ -126,6 +140,7 @@ async def process(request: Request) -> JSONResponse:
 @router.post(
     "/raw",
     summary="Same as /process, answering the PNG bytes",
+    openapi_extra=PROCESS_BODY,
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
