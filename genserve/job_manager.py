@@ -66,20 +66,7 @@ class JobManager:
                 code="key_quota_exceeded",
             )
         try:
-            self.store.insert(
-                JobRecord(
-                    id=job.id,
-                    status=JobState.QUEUED.value,
-                    mode=request.mode,
-                    model_id=prepared.model_id,
-                    priority=prepared.priority,
-                    params=job.params,
-                    submitted_at=job.submitted_at,
-                    seed=request.seed,
-                    width=request.width,
-                    height=request.height,
-                )
-            )
+            self.store.insert(record_of(job))
             job.add_listener(self._persist)
             self._supervisor().submit(job)
         except BaseException:

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from _cli import ToolError, add_connection_arguments, console, fail, make_session, request_json
+from _cli import ToolError, add_connection_arguments, console, fail, make_session, positive_int, request_json
 
 GENERATION_MODES = ("text2img", "img2img", "fill", "controlnet")
 TESTS = (*GENERATION_MODES, "validation")
@@ -422,13 +422,6 @@ def summary_table(outcomes: list[Outcome], title: str) -> Table:
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

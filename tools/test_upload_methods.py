@@ -44,7 +44,7 @@ from PIL import Image
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from _cli import ToolError, add_connection_arguments, console, fail, make_session, request_json
+from _cli import ToolError, add_connection_arguments, console, fail, make_session, positive_int, request_json
 
 METHODS = ("json", "form")
 ROUTES = {"json": "/generate", "form": "/generate/img2img"}
@@ -424,13 +424,6 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from tests.conftest import ServerFactory
 from tests.server import REPO_ROOT, GenServeProcess
+from tests.stubs import QuietHandler, serving
 
 TOOL = "tools/chaos.py"
 CLOSED_PORT_URL = "http://127.0.0.1:1"
@@ -81,20 +78,9 @@ def test_kill_loop_loses_no_job_and_the_pool_recovers(pool: GenServeProcess) -> 
     assert status["concurrent_manager"]["total_restarts"] - restarts_before == restarts
 
 
-class ForgetfulHandler(BaseHTTPRequestHandler):
+class ForgetfulHandler(QuietHandler):
     """A fake GenServe at full strength that answers every sync request with success but keeps no record of the job
     (GET /jobs/{id} is 404), and whose async jobs never end."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest's output clean
-        pass
-
-    def reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path == "/status":
@@ -121,12 +107,8 @@ class ForgetfulHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def forgetful_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ForgetfulHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(ForgetfulHandler) as url:
+        yield url
 
 
 def test_jobs_the_server_forgets_or_never_ends_are_lost(forgetful_server: str) -> None:

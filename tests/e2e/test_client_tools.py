@@ -9,16 +9,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from tests.server import REPO_ROOT, GenServeProcess
+from tests.stubs import QuietHandler, serving
 
 IMG2IMG_TOOL = "tools/test_img2img.py"
 UPLOAD_TOOL = "tools/test_upload_methods.py"
@@ -61,20 +59,9 @@ def explain(proc: subprocess.CompletedProcess[str]) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
-class LyingHandler(BaseHTTPRequestHandler):
+class LyingHandler(QuietHandler):
     """A fake GenServe that is ready and serves img2img, but answers /generate with a 32x32 PNG whatever the asked
     size (and 200 even where a 400 is due), and /generate/img2img with a 500."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest's output clean
-        pass
-
-    def reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path == "/ready":
@@ -97,12 +84,8 @@ class LyingHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def lying_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), LyingHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(LyingHandler) as url:
+        yield url
 
 
 # --- tools/test_img2img.py ---------------------------------------------------------------------------------------

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
@@ -16,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import ServerFactory
 from tests.server import GenServeProcess, b64, png_bytes
+from tests.stubs import QuietHandler, serving
 
 FAST = {"steps": 2}  # extension field: keeps the embedded model quick
 
@@ -177,7 +175,7 @@ def test_private_urls_are_refused_by_default(server: GenServeProcess, image_serv
 # --- with private URLs allowed, against a local image server -----------------------------------------------------
 
 
-class _ImageHandler(http.server.BaseHTTPRequestHandler):
+class _ImageHandler(QuietHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path == "/red.png":
             body, kind = png_bytes((72, 72), (255, 0, 0)), "image/png"
@@ -197,17 +195,11 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(_ImageHandler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
