@@ -953,8 +953,11 @@ def sample_loop(args: argparse.Namespace, sampler: Sampler, recorder: Recorder, 
         sample = sampler.take(require_service=False)
         taken += 1
         history.append(sample)
-        recorder.write(sample)
+        # The line first, flushed, then the record: whoever sees the record (a test, a tail -f) can rely on the
+        # line being out too, even if a signal ends the run right after.
         console.print(summary_line(sample), soft_wrap=True)
+        sys.stdout.flush()
+        recorder.write(sample)
         if args.plot_interval and time.monotonic() >= next_plot:
             write_plot(history, args.plot_file)
             next_plot = time.monotonic() + args.plot_interval
