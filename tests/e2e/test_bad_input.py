@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 from typing import Any
 
 import pytest
 import requests
 from PIL import Image
 
-from tests.server import GenServeProcess, b64, mask_png, png_bytes
+from tests.server import GenServeProcess, b64, mask_png, png_bytes, png_claiming
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 1}
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A few-hundred-byte PNG whose header claims width x height pixels (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def image_as(fmt: str) -> bytes:

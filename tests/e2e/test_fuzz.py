@@ -23,11 +23,9 @@ import json
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import ServerFactory
-from tests.server import REPO_ROOT, GenServeProcess, wait_until
+from tests.server import REPO_ROOT, GenServeProcess, png_claiming, wait_until
 
 # --- the server under test ---------------------------------------------------------------------------------------
 
@@ -292,18 +290,6 @@ def assert_error_shape(path: str, answer: Answer) -> None:
 
 
 # --- the inputs ----------------------------------------------------------------------------------------------------
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels, with almost no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def encoded(size: tuple[int, int], fmt: str) -> bytes:
