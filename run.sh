@@ -44,7 +44,7 @@ case "${1:-serve}" in
     exec "$VENV/bin/mypy" genserve workers tools
     ;;
   serve)
-    shift
+    if [ $# -gt 0 ]; then shift; fi  # plain ./run.sh has no argument to drop
     ensure_env ""
     exec "$VENV/bin/python" -m genserve "$@"
     ;;
