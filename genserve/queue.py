@@ -68,6 +68,11 @@ class PriorityQueue(Generic[T]):
         entry[2] = None
         return True
 
+    def __iter__(self) -> Iterator[T]:
+        """Items in no particular order (O(n), no sort): for scans that do not care about the order."""
+        for entry in list(self._entries.values()):
+            yield entry[2]  # type: ignore[misc]
+
     def ordered(self) -> Iterator[T]:
         """Items in the order they will run (a sorted copy; O(n log n), for status pages)."""
         live = sorted((entry for entry in self._entries.values()), key=lambda entry: (entry[0], entry[1]))

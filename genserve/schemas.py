@@ -6,7 +6,7 @@ checked in ``genserve.prepare`` so the message can quote them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
@@ -85,16 +85,3 @@ class GenerateResponse(BaseModel):
         None,
         description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s).",
     )
-
-
-class ErrorResponse(BaseModel):
-    success: Literal[False] = False
-    task_id: str | None = None
-    image_base64: None = None
-    error: str
-    detail: str
-    error_type: str
-    elapsed_time: float = 0.0
-    gpu_id: None = None
-    model_id: str | None = None
-    mode: str | None = None

@@ -616,7 +616,7 @@ class Supervisor:
     def _expire_deadlines(self) -> None:
         """Jobs past their deadline: out of the queue now, or stopped at the running job's next step."""
         now = time.monotonic()
-        expired = [job for job in self._queue.ordered() if job.deadline <= now]
+        expired = [job for job in self._queue if job.deadline <= now]
         for job in expired:
             self._queue.remove(job)
             job.cancel_reason = TIMEOUT_REASON
@@ -671,7 +671,8 @@ class Supervisor:
             deadlines.extend(deadline + 0.01 for deadline, _ in self._hang_deadlines(slot))
             if slot.job is not None and slot.job.cancel_reason is None:
                 deadlines.append(slot.job.deadline)
-        deadlines.extend(job.deadline for job in self._queue.ordered())
+        # Runs on every monitor wake-up (each progress message): an unsorted scan, not ordered()'s sort.
+        deadlines.extend(job.deadline for job in self._queue)
         deadlines = [deadline for deadline in deadlines if deadline != float("inf")]
         if not deadlines:
             return None

@@ -225,3 +225,12 @@ def test_random_priorities_pop_in_priority_then_insertion_order() -> None:
 
     assert list(queue.ordered()) == expected
     assert drain(queue) == expected
+
+
+def test_iteration_gives_every_queued_item_once_and_skips_removed_ones() -> None:
+    queue: PriorityQueue[str] = PriorityQueue(max_size=10)
+    for item, priority in (("a", 3), ("b", 1), ("c", 2)):
+        queue.push(item, priority)
+    queue.remove("c")
+    assert sorted(queue) == ["a", "b"]
+    assert list(queue.ordered()) == ["b", "a"]
