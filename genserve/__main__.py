@@ -1,10 +1,19 @@
-"""``python -m genserve [--config PATH]``: load the configuration, then serve with uvicorn (API process)."""
+"""``python -m genserve [--config PATH]``: load the configuration, then serve with uvicorn (API process).
+
+Stopping: the first SIGTERM or SIGINT starts a drain (genserve.service) while the HTTP server keeps answering —
+new jobs get 503 with Retry-After in their route's error shape, running jobs may finish within
+server.shutdown_grace_s, the rest fail with JSON answers — and only then does uvicorn stop and the workers exit.
+A second signal skips what is left of the wait. The exit status is 0, or EXIT_WORKERS_FAILED when a worker slot
+spent its restart budget under workers.on_budget_spent: exit.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import threading
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -13,9 +22,43 @@ from genserve import __version__
 from genserve.config import ConfigError, load_config, resolve_config_path
 
 if TYPE_CHECKING:
+    from genserve.service import Service
     from genserve.supervisor import WorkerTarget
 
 log = logging.getLogger("genserve")
+
+# After the drain every job has its answer; this is how long uvicorn then waits for those answers to be written.
+RESPONSE_FLUSH_S = 3
+
+
+class GenServeServer(uvicorn.Server):
+    """uvicorn's server with a drain before it stops (uvicorn alone stops listening at once)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self._stop_started = False
+        service.stop.install(self.begin_stop)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's: it would stop listening at once, and re-raise the signal at exit (exit status 143).
+        if self._stop_started:
+            log.warning("second stop signal: not waiting any longer")
+            self.should_exit = self.force_exit = True
+            return
+        self.service.stop.request(f"received signal {sig}")
+
+    def begin_stop(self) -> None:
+        if self._stop_started:
+            return
+        self._stop_started = True
+        threading.Thread(target=self._drain_then_exit, name="genserve-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        try:
+            self.service.drain()
+        finally:
+            self.should_exit = True
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,24 +89,30 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
     log.info("genserve %s; config: %s", __version__, path or "built-in defaults")
 
     from genserve.app import create_app
+    from genserve.edge import http_protocol
 
     try:
         app = create_app(config, worker_target=worker_target)
     except ConfigError as exc:  # e.g. an unreadable auth.keys_file
         print(f"genserve: {exc}", file=sys.stderr)
         return 2
-    server = uvicorn.Server(
+    server = GenServeServer(
         uvicorn.Config(
             app,
             host=config.server.host,
             port=config.server.port,
+            http=http_protocol(config.server),
             log_level=config.server.log_level,
-            timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None,
+            timeout_graceful_shutdown=RESPONSE_FLUSH_S,
             access_log=config.server.log_level == "debug",
-        )
+        ),
+        app.state.service,
     )
     server.run()
-    return 0
+    service: Service = app.state.service
+    if service.stop.exit_code:
+        print(f"genserve: exiting with status {service.stop.exit_code}: {service.stop.reason}", file=sys.stderr)
+    return service.stop.exit_code
 
 
 if __name__ == "__main__":

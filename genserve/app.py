@@ -1,13 +1,15 @@
 """The FastAPI application of the API process: wiring only — the service object, lifespan, routes, error handlers.
 
-The lifespan starts the supervisor (which spawns the workers and returns at once, so /health answers while
-pipelines load) and, on shutdown, stops it off the event loop.
+The lifespan starts the persistence writer, the supervisor (which spawns the workers and returns at once, so
+/health answers while pipelines load) and retention (a thread of its own); on shutdown it stops them off the event
+loop. The graceful part of a shutdown (drain) is started by the server runner before the HTTP server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,7 +24,7 @@ from genserve.job_manager import JobManager
 from genserve.middleware import BodySizeLimit
 from genserve.routes import compat, native, openai, process
 from genserve.routes import jobs as jobs_routes
-from genserve.service import Service
+from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
 from genserve.store import ResultStore
 from genserve.supervisor import Supervisor, WorkerTarget
 
@@ -42,12 +44,17 @@ def create_app(
     interrupted = store.fail_interrupted()
     if interrupted:
         log.warning("%d job(s) were queued or running when the service last stopped: marked failed", interrupted)
-    jobs = JobManager(config, store)
+    store.remove_all_inputs()
+    stop = StopControl()
     supervisor = Supervisor(
-        config, devices, modes, worker_target=worker_target, on_queue_change=jobs.publish_queue_positions
+        config,
+        devices,
+        modes,
+        worker_target=worker_target,
+        on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
     )
-    jobs.attach(supervisor)
-    service = Service(config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store)
+    jobs = JobManager(config, store, supervisor)
+    service = Service(config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,15 +64,16 @@ def create_app(
                 "point model.path at a FLUX.1-dev folder for real images"
             )
         log.info("starting %d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
+        jobs.start()
         supervisor.start()
-        retention = asyncio.create_task(_run_retention(config, store), name="genserve-retention")
+        retention = Retention(config, store)
+        retention.start()
         try:
             yield
         finally:
-            retention.cancel()
+            retention.stop()
             log.info("shutting down workers")
-            await asyncio.to_thread(supervisor.shutdown)
-            store.close()
+            await asyncio.to_thread(service.close)
 
     app = FastAPI(
         title="GenServe",
@@ -98,13 +106,30 @@ def _warn_if_exposed(config: Config, keyring: KeyRing) -> None:
         )
 
 
-async def _run_retention(config: Config, store: ResultStore) -> None:
-    """Delete old results now and every results.cleanup_interval_s, off the event loop."""
-    max_age_s = config.results.max_age_hours * 3600
-    max_bytes = int(config.results.max_total_gb * 1024**3)
-    while True:
-        try:
-            await asyncio.to_thread(store.cleanup, max_age_s, max_bytes)
-        except Exception:  # a full disk or a locked database must not end retention for good
-            log.exception("retention failed; trying again next round")
-        await asyncio.sleep(config.results.cleanup_interval_s)
+class Retention:
+    """Deletes old results now and every results.cleanup_interval_s, in a thread of its own.
+
+    Not the HTTP thread pool: a pass over a large store must not take a thread a request is waiting for."""
+
+    def __init__(self, config: Config, store: ResultStore) -> None:
+        self.config = config
+        self.store = store
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="genserve-retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        results = self.config.results
+        max_age_s = results.max_age_hours * 3600
+        max_bytes = int(results.max_total_gb * 1024**3)
+        while not self._stopped.is_set():
+            try:
+                self.store.cleanup(max_age_s, max_bytes)
+            except Exception:  # a full disk or a locked database must not end retention for good
+                log.exception("retention failed; trying again next round")
+            self._stopped.wait(results.cleanup_interval_s)

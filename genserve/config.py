@@ -83,6 +83,17 @@ class ServerConfig(_Section):
         gt=0,
         description="Largest request body accepted (JSON with base64 images, or a multipart upload).",
     )
+    max_header_kb: float = Field(
+        64.0,
+        gt=0,
+        description="Largest request head (request line and headers) in KiB; beyond it the client gets 431.",
+    )
+    max_headers: int = Field(100, ge=1, description="Most headers a request may carry; beyond it the client gets 431.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a client may take to send a request's headers before its connection is closed.",
+    )
 
     @property
     def max_request_bytes(self) -> int:
@@ -144,12 +155,27 @@ class WorkersConfig(_Section):
         description="How long a worker may take to load its pipelines before it is killed and retried.",
     )
     heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker says it is alive.")
-    restart_backoff_s: float = Field(0.5, ge=0, description="Delay before the first respawn of a dead worker.")
+    restart_backoff_s: float = Field(0.1, ge=0, description="Delay before the first respawn of a dead worker.")
     restart_backoff_max_s: float = Field(30.0, ge=0, description="Cap of the doubling respawn delay.")
     max_restarts: int = Field(
         10,
         ge=0,
-        description="Respawns allowed per slot within restart_window_s; beyond it the slot stays dead.",
+        description="Respawns per slot within restart_window_s at the doubling backoff; beyond it see on_budget_spent.",
+    )
+    on_budget_spent: Literal["retry", "exit"] = Field(
+        "retry",
+        description="A slot that spent its restart budget: retry every restart_backoff_max_s (/ready says degraded), "
+        "or exit the service non-zero so an orchestrator restarts the container.",
+    )
+    start_method: Literal["forkserver", "spawn"] = Field(
+        "forkserver",
+        description="forkserver: workers fork from a process with torch/diffusers imported (fast respawn); "
+        "spawn: a fresh interpreter per worker.",
+    )
+    parallel_loads: int = Field(
+        1,
+        ge=0,
+        description="Workers loading weights at once (host memory peaks at this many copies); 0: all at once.",
     )
     restart_window_s: float = Field(600.0, gt=0, description="Sliding window for max_restarts.")
     shutdown_timeout_s: float = Field(

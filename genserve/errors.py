@@ -124,10 +124,6 @@ class JobFailed(GenServeError):
     status_code = 500
     error_type = "job_failed"
 
-    def __init__(self, message: str, *, worker_error_type: str = "") -> None:
-        super().__init__(message)
-        self.worker_error_type = worker_error_type
-
 
 class OutOfMemory(JobFailed):
     """The device (or host) ran out of memory for this job; the worker freed its cache and serves on."""
@@ -138,3 +134,9 @@ class OutOfMemory(JobFailed):
 class WorkerDied(GenServeError):
     status_code = 500
     error_type = "worker_died"
+
+
+class DeviceError(JobFailed):
+    """A fatal device error (illegal memory access, device-side assert): the job failed and its worker restarts."""
+
+    error_type = "device_error"

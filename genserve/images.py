@@ -14,11 +14,12 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from genserve.errors import BadRequest, PayloadTooLarge
-from genserve.messages import RawImage
+from genserve.messages import ImageFile
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
@@ -27,6 +28,16 @@ _WHITESPACE_BYTES = b" \t\r\n\x0b\x0c"
 # Pillow's own bomb check warns (or raises) at its default limit; ours is stricter and comes first, so keep
 # Pillow quiet rather than letting a warning escape into logs as noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Decoded, validated pixels in the API process, already resized to the job's output size."""
+
+    width: int  # pixels
+    height: int  # pixels
+    mode: Literal["RGB", "L"]  # PIL mode: RGB for pictures, L (8-bit grey) for masks
+    data: bytes  # row-major pixel bytes, width * height * channels long
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,12 @@ def to_raw_mask(decoded: DecodedImage, width: int, height: int) -> RawImage:
 
 def raw_to_pil(raw: RawImage) -> Image.Image:
     return Image.frombytes(raw.mode, (raw.width, raw.height), raw.data)
+
+
+def image_file_to_pil(image: ImageFile) -> Image.Image:
+    """Worker side: the pixels the API process wrote for a job (see ResultStore.write_inputs)."""
+    with open(image.path, "rb") as file:
+        return Image.frombytes(image.mode, (image.width, image.height), file.read())
 
 
 def encode_png(image: Image.Image, compress_level: int = 1) -> bytes:

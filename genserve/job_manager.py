@@ -1,8 +1,17 @@
-"""Jobs as the routes see them: submit, look up, cancel, list — live jobs in memory, finished ones in the store.
+"""Jobs as the routes see them: submit, look up, cancel, list — the one owner of a job's life in the API process.
 
-Lives in the API process. Every job, synchronous (POST /generate) or not (POST /jobs), goes through ``submit``:
-a record is written, the supervisor queues it, and a listener keeps the record in step with the job's events
-(called in the monitor thread). A job stays in ``_live`` until it ends; after that the store answers for it.
+Every job, synchronous (POST /generate) or not (POST /jobs), goes through ``submit``: its input pixels are written
+to its input folder, its record is inserted, and the supervisor queues it. From then on the supervisor moves the
+job; a listener here turns each state change into a write for the persistence writer (no I/O in the emitting
+thread). A job stays in ``_live`` until its final record is committed; after that the store answers for it, so a
+reader never sees a finished job as anything older. The supervisor knows nothing of this class (no cycle): queue
+positions are published by a thread of ours (``genserve-positions``) that waits for the supervisor's signal.
+
+Locks, and the one order they may nest in (each is held briefly, and never across I/O):
+1. ``Supervisor._lock`` — the queue, the slots, every job's Schedule.
+2. ``Job._lock`` — one job's visible state and its subscribers; its listeners only enqueue.
+3. ``JobManager._lock`` — the ``_live`` map only; nothing else is taken while it is held.
+A thread holding a later lock never takes an earlier one. SQLite has no Python lock at all (see genserve.store).
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from typing import Any
 
 from genserve.config import Config
 from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
-from genserve.jobs import Job, JobEvent, JobState
+from genserve.jobs import Job, JobEvent, JobState, result_json
+from genserve.messages import CancelReason
+from genserve.persistence import PersistenceWriter
 from genserve.prepare import PreparedJob
 from genserve.store import JobRecord, ResultStore
 from genserve.supervisor import Supervisor
@@ -23,19 +34,25 @@ log = logging.getLogger(__name__)
 
 
 class JobManager:
-    def __init__(self, config: Config, store: ResultStore) -> None:
+    def __init__(self, config: Config, store: ResultStore, supervisor: Supervisor) -> None:
         self.config = config
         self.store = store
+        self.supervisor = supervisor
+        self.writer = PersistenceWriter(store)
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()  # guards _live only
-        self.supervisor: Supervisor | None = None  # set by attach(): the two refer to each other
+        self._running = False
+        self._positions = threading.Thread(target=self._publish_positions, name="genserve-positions", daemon=True)
 
-    def attach(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def start(self) -> None:
+        self.writer.start()
+        self._running = True
+        self._positions.start()
 
-    def _supervisor(self) -> Supervisor:
-        assert self.supervisor is not None, "JobManager.attach() was not called"
-        return self.supervisor
+    def stop(self) -> None:
+        """After the supervisor has shut down: write every pending record change, then stop the threads."""
+        self._running = False
+        self.writer.stop()
 
     # --- submission ----------------------------------------------------------------------------------------------
 
@@ -43,36 +60,45 @@ class JobManager:
         """Record and queue a prepared job within ``timeout_s``. Raises TooManyRequests (per-key cap, full queue),
         NotReady or ShuttingDown; nothing is kept then.
 
-        Blocking (SQLite write, supervisor lock): call it from the thread pool, not the event loop.
+        Blocking (writes input files and the record): call it from the thread pool, not the event loop.
         """
-        request = replace(prepared.request, output_path=str(self.store.image_path(prepared.request.job_id)))
+        job_id = prepared.request.job_id
         timeout_s = self.config.queue.task_timeout_s if timeout_s is None else timeout_s
-        job = Job(
-            request=request,
-            priority=prepared.priority,
+        job = Job.create(
+            prepared.request,
+            prepared.priority,
+            timeout_s,
             model_id=prepared.model_id,
             params={**prepared.params, "timeout_s": timeout_s},
             owner=owner,
         )
-        job.set_deadline(timeout_s)
         with self._lock:  # the quota check and the reservation are one step, or two requests could both pass
             in_flight = self._jobs_in_flight(owner)
             if not in_flight.over:
-                self._live[job.id] = job
-        if in_flight.over:  # raised outside our lock: Retry-After asks the supervisor (lock order: supervisor first)
+                self._live[job_id] = job
+        if in_flight.over:
             raise TooManyRequests(
                 f"API key '{owner}' has {in_flight.count} jobs queued or running, its limit (auth.max_jobs_per_key)",
-                headers={"Retry-After": str(self._supervisor().retry_after_s())},
+                headers={"Retry-After": str(self.supervisor.retry_after_s())},
                 code="key_quota_exceeded",
             )
         try:
+            files = self.store.write_inputs(job_id, prepared.images)
+            job.request = replace(
+                prepared.request,
+                output_path=str(self.store.image_path(job_id)),
+                input_image=files.get("input_image"),
+                mask_image=files.get("mask_image"),
+                control_image=files.get("control_image"),
+            )
             self.store.insert(record_of(job))
-            job.add_listener(self._persist)
-            self._supervisor().submit(job)
+            job.add_listener(self._on_event)
+            self.supervisor.submit(job)
         except BaseException:
             with self._lock:
-                self._live.pop(job.id, None)
-            self.store.delete(job.id)
+                self._live.pop(job_id, None)
+            self.store.delete(job_id)
+            self.store.remove_inputs(job_id)
             raise
         return job
 
@@ -84,22 +110,45 @@ class JobManager:
         count = sum(1 for job in self._live.values() if job.owner == owner and not job.done)
         return _Quota(count, count >= cap)
 
-    def _persist(self, job: Job, event: JobEvent) -> None:
-        """Keep the stored record in step with the job (monitor thread; progress is not written, only states)."""
+    def _on_event(self, job: Job, event: JobEvent) -> None:
+        """Listener (any thread, job lock held): hand the record change to the writer; progress is not stored."""
         if event.kind == "started":
-            self.store.update(
+            self.writer.write(
                 job.id,
-                status=JobState.RUNNING.value,
-                started_at=job.started_at,
-                worker_slot=job.worker_slot,
-                device=job.device,
+                {
+                    "status": JobState.RUNNING.value,
+                    "started_at": job.started_at,
+                    "worker_slot": job.worker_slot,
+                    "device": job.device,
+                },
             )
         elif event.kind == "queued" and event.data.get("requeued_because"):
-            self.store.update(job.id, status=JobState.QUEUED.value, started_at=None, worker_slot=None, device=None)
+            self.writer.write(
+                job.id, {"status": JobState.QUEUED.value, "started_at": None, "worker_slot": None, "device": None}
+            )
         elif event.is_terminal:
-            self.store.update(job.id, **_terminal_columns(job))
-            with self._lock:
-                self._live.pop(job.id, None)
+            self.writer.write(job.id, _terminal_columns(job), after_commit=lambda: self._forget(job.id))
+
+    def _forget(self, job_id: str) -> None:
+        """Writer thread, after the final record is committed: the store answers for the job from now on."""
+        with self._lock:
+            self._live.pop(job_id, None)
+        self.store.remove_inputs(job_id)
+
+    # --- queue positions -----------------------------------------------------------------------------------------
+
+    def _publish_positions(self) -> None:
+        """Thread: when the queue's order changes, queued jobs that someone watches publish their new place.
+
+        Each lookup takes the supervisor's lock for O(log n); the events go out with no lock but the job's."""
+        while self._running:
+            if not self.supervisor.wait_for_queue_change(timeout=1.0):
+                continue
+            for job in self.live_jobs():
+                if job.state is JobState.QUEUED and job.watched:
+                    position = self.supervisor.queue_position(job)
+                    if position is not None:
+                        job.mark_queued(position)
 
     # --- queries -------------------------------------------------------------------------------------------------
 
@@ -127,13 +176,13 @@ class JobManager:
 
     def job_view(self, job: Job) -> dict[str, Any]:
         # The position first: it takes the supervisor's lock, which must never be taken while holding a job's.
-        position = self._supervisor().queue_position(job)
+        position = self.supervisor.queue_position(job)
         view = record_view(record_of(job))
         if job.state is JobState.QUEUED:
             view["queue_position"] = position
         elif job.state is JobState.RUNNING:
             view["progress"] = job.progress_data()
-            view["attempts"] = job.attempts
+            view["attempts"] = job.schedule.attempts
         return view
 
     def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
@@ -146,24 +195,15 @@ class JobManager:
 
     # --- cancellation --------------------------------------------------------------------------------------------
 
-    def cancel(self, job_id: str, reason: str = "canceled by client") -> Job:
+    def cancel(self, job_id: str, reason: CancelReason = CancelReason.CLIENT) -> Job:
         """Ask a live job to stop; a finished or unknown one is an error (409 / 404). Blocking: thread pool."""
         job = self.live(job_id)
         if job is None or job.done:
             found = self.find(job_id)  # NotFound for an unknown id
             status = found.state.value if isinstance(found, Job) else found.status
             raise AlreadyEnded(f"job {job_id} already ended ({status}); nothing to cancel")
-        self._supervisor().cancel(job, reason)
+        self.supervisor.cancel(job, reason)
         return job
-
-    # --- queue positions -----------------------------------------------------------------------------------------
-
-    def publish_queue_positions(self) -> None:
-        """The queue's order changed: queued jobs that someone watches publish their new place (supervisor lock)."""
-        supervisor = self._supervisor()
-        for job in self.live_jobs():
-            if job.state is JobState.QUEUED and job.subscriber_count:
-                job.mark_queued(supervisor.queue_position(job))
 
 
 @dataclass(frozen=True)
@@ -181,7 +221,7 @@ def _terminal_columns(job: Job) -> dict[str, Any]:
     if job.error is not None:
         columns.update(error_type=job.error.error_type, error_message=job.error.message)
     if job.cancel_reason is not None:
-        columns["cancel_reason"] = job.cancel_reason
+        columns["cancel_reason"] = job.cancel_reason.value
     return columns
 
 
@@ -232,12 +272,7 @@ def record_view(record: JobRecord) -> dict[str, Any]:
         view["execution_time"] = round(record.finished_at - record.started_at, 4)
     if record.status == JobState.COMPLETED.value:
         view["progress"] = {"percent": 100.0}
-        view["result"] = {
-            "images": [{"id": record.id, "url": f"/image/{record.id}", "bytes": record.image_bytes}],
-            "seed": record.seed,
-            "width": record.width,
-            "height": record.height,
-        }
+        view["result"] = result_json(record.id, record.seed, record.width, record.height, record.image_bytes)
         view["result_url"] = f"/image/{record.id}"
     if record.error_type:
         view["error"] = {"type": record.error_type, "message": record.error_message}

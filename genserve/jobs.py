@@ -1,12 +1,15 @@
 """The live job: one generation request from submission to its end, as the API process sees it.
 
-Lives in the API process only. The supervisor's monitor thread moves a job through its lifecycle
-(queued → running → completed | failed | canceled) with the ``mark_*`` / ``finish`` methods. Each of them changes
-the job and publishes one ``JobEvent`` atomically under the job's own lock, so a subscriber that takes a snapshot
-and registers under that lock never misses an event and never sees one twice. Listeners (persistence) are called
-in the emitting thread; subscribers (SSE streams, waiting HTTP handlers) are woken on their event loop.
-
-Lock order: the supervisor's lock, then a job's lock — never the other way round.
+Lives in the API process only. A job has two halves:
+- ``Schedule``: what the supervisor needs to run it (priority, deadline, attempts, why it was asked to stop). Only
+  the supervisor writes it, under its own lock; views read it.
+- the job's visible life (state, worker, progress, result or error) and its events. The supervisor moves it through
+  queued → running → completed | failed | canceled with the ``mark_*`` / ``finish`` methods; each changes the job
+  and publishes one ``JobEvent`` atomically under the job's own lock, so a subscriber that takes a snapshot and
+  registers under that lock never misses an event and never sees one twice.
+Listeners are called in the emitting thread while the job's lock is held, so they must only hand work on (the
+persistence writer's queue); subscribers (SSE streams, waiting HTTP handlers) are woken on their event loop.
+The lock order is written down once, in ``genserve.job_manager``.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from genserve.errors import GenServeError
-from genserve.messages import JobRequest, JobResult
+from genserve.messages import CancelReason, JobRequest, JobResult
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -36,6 +39,16 @@ class JobState(str, Enum):
 
 
 TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
+
+
+def result_json(
+    job_id: str, seed: int | None, width: int | None, height: int | None, image_bytes: int | None = None
+) -> dict[str, Any]:
+    """The ``result`` object of a finished job: the one place it is built (events, job views, history)."""
+    image: dict[str, Any] = {"id": job_id, "url": f"/image/{job_id}"}
+    if image_bytes is not None:
+        image["bytes"] = image_bytes
+    return {"images": [image], "seed": seed, "width": width, "height": height}
 
 
 @dataclass(frozen=True)
@@ -71,17 +84,29 @@ class Subscription:
 
 
 @dataclass(eq=False)
+class Schedule:
+    """The supervisor's half of a job: written only by the supervisor, under its lock."""
+
+    priority: int  # lower runs first
+    timeout_s: float = float("inf")  # the job's time budget from submission
+    deadline: float = float("inf")  # time.monotonic() by which it must have ended
+    attempts: int = 0  # how many times a worker was handed this job
+    cancel_reason: CancelReason | None = None  # set when someone asked to stop it
+    cancel_sent: bool = False  # CancelJob went to its worker
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+@dataclass(eq=False)
 class Job:
     request: JobRequest  # what the worker runs
-    priority: int  # lower runs first
+    schedule: Schedule
     model_id: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # the effective request, without image bytes
     submitted_at: float = field(default_factory=time.time)
     owner: str | None = None  # API key name that submitted it (None when keys are off)
-    timeout_s: float = float("inf")  # its time budget from submission
-    deadline: float = float("inf")  # time.monotonic() by which it must have ended
     state: JobState = JobState.QUEUED
-    attempts: int = 0  # how many times a worker was handed this job
     worker_slot: int | None = None  # the worker that runs (or ran) it
     device: str | None = None
     started_at: float | None = None  # worker clock, when the worker began it
@@ -90,8 +115,6 @@ class Job:
     step: int = 0  # denoising steps done
     total_steps: int = 0  # steps the pipeline runs
     step_elapsed_s: float = 0.0  # worker seconds from job start to the last finished step
-    cancel_reason: str | None = None  # set when someone asked to stop it
-    cancel_sent: bool = False  # CancelJob went to its worker
     result: JobResult | None = None
     error: GenServeError | None = None
     seq: int = 0  # events published so far
@@ -100,25 +123,35 @@ class Job:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
+    @classmethod
+    def create(cls, request: JobRequest, priority: int, timeout_s: float, **fields: Any) -> Job:
+        schedule = Schedule(priority=priority, timeout_s=timeout_s, deadline=time.monotonic() + timeout_s)
+        return cls(request=request, schedule=schedule, **fields)
+
     @property
     def id(self) -> str:
         return self.request.job_id
 
-    def set_deadline(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
+    @property
+    def priority(self) -> int:
+        return self.schedule.priority
 
-    def seconds_left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+    @property
+    def cancel_reason(self) -> CancelReason | None:
+        return self.schedule.cancel_reason
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until the job ends (tests and blocking callers; routes use wait_for_job)."""
+        return self._done.wait(timeout)
+
     # --- observers -----------------------------------------------------------------------------------------------
 
     def add_listener(self, listener: JobListener) -> None:
-        """Called with every event, in the thread that emits it (keep it quick)."""
+        """Called with every event, in the thread that emits it, under the job's lock: hand work on, do none."""
         with self._lock:
             self._listeners.append(listener)
 
@@ -137,9 +170,9 @@ class Job:
                 self._subscribers.remove(subscription)
 
     @property
-    def subscriber_count(self) -> int:
-        with self._lock:
-            return len(self._subscribers)
+    def watched(self) -> bool:
+        """Someone streams this job's events (so its queue position is worth publishing)."""
+        return bool(self._subscribers)
 
     def snapshot_events(self) -> list[JobEvent]:
         """What a late subscriber needs to know first: the state the job is in now."""
@@ -154,7 +187,7 @@ class Job:
                 events.append(self._event("progress", self.progress_data(), now))
             return events
 
-    # --- lifecycle (called by the supervisor, under its lock) ---------------------------------------------------
+    # --- lifecycle (called by the supervisor) --------------------------------------------------------------------
 
     def mark_queued(self, position: int | None, *, requeued_because: str | None = None) -> None:
         with self._lock:
@@ -175,7 +208,6 @@ class Job:
 
     def mark_dispatched(self, slot: int, device: str) -> None:
         with self._lock:
-            self.attempts += 1
             self.state = JobState.RUNNING
             self.worker_slot, self.device = slot, device
             self.queue_position = None
@@ -194,11 +226,13 @@ class Job:
             self.step, self.total_steps, self.step_elapsed_s = step, total_steps, elapsed_s
             self._emit("progress", self.progress_data())
 
-    def finish(self, state: JobState, *, result: JobResult | None = None, error: GenServeError | None = None) -> None:
-        """End the job. Idempotent: the first end wins (a late worker message for a timed-out job is dropped)."""
+    def finish(self, state: JobState, *, result: JobResult | None = None, error: GenServeError | None = None) -> bool:
+        """End the job. Idempotent: the first end wins (a late worker message for a timed-out job is dropped).
+
+        Returns whether this call ended it."""
         with self._lock:
             if self.done:
-                return
+                return False
             self.state = state
             self.result = result
             self.error = error
@@ -208,6 +242,7 @@ class Job:
             self._emit(state.value, self._terminal_data())
             self._done.set()
             self._subscribers.clear()
+            return True
 
     # --- views ---------------------------------------------------------------------------------------------------
 
@@ -234,17 +269,12 @@ class Job:
     def _terminal_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"task_id": self.id, "status": self.state.value}
         if self.result is not None:
-            data["result"] = {
-                "images": [{"id": self.id, "url": f"/image/{self.id}"}],
-                "seed": self.result.seed,
-                "width": self.result.width,
-                "height": self.result.height,
-            }
+            data["result"] = result_json(self.id, self.result.seed, self.result.width, self.result.height)
             data["result_url"] = f"/image/{self.id}"
         if self.error is not None:
             data["error"] = {"type": self.error.error_type, "message": self.error.message}
         if self.state is JobState.CANCELED:
-            data["cancel_reason"] = self.cancel_reason
+            data["cancel_reason"] = self.cancel_reason.value if self.cancel_reason else None
         return data
 
     def _event(self, kind: str, data: dict[str, Any], at: float) -> JobEvent:

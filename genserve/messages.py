@@ -1,38 +1,64 @@
 """Every message that crosses the API-process / worker-process boundary.
 
-Each is a frozen dataclass sent whole over the worker's duplex ``multiprocessing`` pipe (pickled). Errors cross as
-a type name plus a message, never as pickled exceptions (a CUDA exception may not unpickle in the other process);
-input images cross as raw pixel bytes, never as PIL objects; output images cross as a file path (the worker
-writes the PNG into the result store itself).
+Each is a frozen dataclass sent whole over the worker's duplex ``multiprocessing`` pipe (pickled), and every one is
+small: input images never ride the pipe (the API process writes their pixels to files in the job's input folder
+and the message names the files), output images neither (the worker writes the PNG into the result store and
+reports its path). Errors cross as an outcome enum, a type name and a message, never as pickled exceptions (a CUDA
+exception may not unpickle in the other process).
 
-Direction:  API → worker: WorkerSpec (at spawn), JobRequest, CancelJob, Shutdown.
-            worker → API: WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted, JobProgress, JobResult, JobFailure.
+Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, CancelJob, Shutdown.
+            worker → API: WorkerOutbound: WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted, JobProgress,
+            JobResult, JobFailure.
+Both ends dispatch on the unions with ``match`` and ``assert_never``, so mypy flags a message nobody handles.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 Mode = Literal["text2img", "img2img", "fill", "controlnet"]
 ALL_MODES: tuple[Mode, ...] = ("text2img", "img2img", "fill", "controlnet")
 
 
-@dataclass(frozen=True)
-class RawImage:
-    """Decoded, validated pixels, already resized to the job's output size by the API process."""
+class FailureKind(StrEnum):
+    """Why a worker reports a job without an image; decides what the supervisor does with the job and the slot."""
 
+    CANCELED = "canceled"  # stopped at a step because CancelJob (or Shutdown) arrived
+    OUT_OF_MEMORY = "out_of_memory"  # device or host memory ran out; the worker frees its cache and serves on
+    DEVICE_FATAL = "device_error"  # the device context is poisoned (illegal access, device assert): worker exits
+    ERROR = "error"  # the pipeline raised; the worker is fine and takes the next job
+
+
+class CancelReason(StrEnum):
+    """Why a job was asked to stop; the value is what clients read in ``cancel_reason``."""
+
+    CLIENT = "canceled by client"  # POST /jobs/{id}/cancel or DELETE /jobs/{id}
+    DISCONNECTED = "client disconnected"  # a sync client hung up while its job still waited (queue.cancel_abandoned)
+    ABANDONED = "request abandoned"  # the request task itself was cancelled (server-side)
+    SIBLING_FAILED = "another image of the same request failed"  # n > 1: no partial answers
+    SIBLING_REFUSED = "another image of the same request was refused"  # n > 1: a later image was not admitted
+    TIMEOUT = "timeout"  # its deadline passed: it ends failed (408), not canceled
+    SHUTDOWN = "service shutting down"  # the grace period ran out while it ran: it ends failed (503)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """Decoded, validated pixels the API process wrote for the worker, already resized to the job's output size."""
+
+    path: str  # raw row-major pixel bytes, width * height * channels long (the job's input folder)
     width: int  # pixels
     height: int  # pixels
     mode: Literal["RGB", "L"]  # PIL mode: RGB for pictures, L (8-bit grey) for masks
-    data: bytes  # row-major pixel bytes, width * height * channels long
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process needs to start; passed as the spawn target's argument."""
+    """What a worker process needs to start; passed as the process target's argument."""
 
     slot: int  # index of the worker in the pool; a respawn reuses it
+    api_pid: int  # the API process: a worker whose API process is gone exits (no orphan holds GPU memory)
     device: str  # "cuda:N" or "cpu"
     model_path: str  # diffusers FluxPipeline folder (the embedded model's when none is configured)
     fill_path: str  # Fill transformer folder, "" when fill is disabled
@@ -59,9 +85,9 @@ class JobRequest:
     guidance_scale: float  # FLUX guidance (GenServe's cfg)
     seed: int  # 0 .. 2**63-1; the API resolves -1 to a random seed before sending
     strength: float  # img2img / ControlNet img2img strength, 0 < strength <= 1
-    input_image: RawImage | None  # img2img, fill, ControlNet img2img
-    mask_image: RawImage | None  # fill: white = repaint
-    control_image: RawImage | None  # controlnet conditioning image
+    input_image: ImageFile | None  # img2img, fill, ControlNet img2img
+    mask_image: ImageFile | None  # fill: white = repaint
+    control_image: ImageFile | None  # controlnet conditioning image
     control_mode: int | None  # union ControlNet mode index; None for a single-type ControlNet
     controlnet_conditioning_scale: float  # weight of the ControlNet residuals
     output_path: str  # where the worker writes the PNG (atomically); the API process never holds image bytes
@@ -76,7 +102,7 @@ class CancelJob:
 
 @dataclass(frozen=True)
 class Shutdown:
-    """Finish nothing more: exit after the current step."""
+    """Finish nothing more: stop the current job at its next step, then exit (the service is stopping)."""
 
     reason: str  # logged by the worker
 
@@ -91,6 +117,8 @@ class WorkerReady:
     modes: tuple[Mode, ...]  # modes actually loaded
     embedded_model: bool  # True when serving the random-weight test model
     load_time_s: float  # seconds from process start to ready
+    peak_rss_mb: float  # the worker's peak resident host memory while loading (MiB)
+    device_memory_mb: float  # device memory its tensors hold once loaded (MiB; 0 on a CPU device)
 
 
 @dataclass(frozen=True)
@@ -145,15 +173,17 @@ class JobResult:
 
 @dataclass(frozen=True)
 class JobFailure:
-    """The job did not produce an image; the worker itself is fine and takes the next job."""
+    """The job did not produce an image. After DEVICE_FATAL the worker exits; otherwise it takes the next job."""
 
     job_id: str  # the job
-    error_type: str  # "canceled", "out_of_memory", or the exception class name
+    kind: FailureKind  # what sort of failure: decides the job's error and the slot's fate
+    error_type: str  # the exception's class name (or "canceled"), for the log and the client's message
     message: str  # human-readable reason
 
 
-# Exit code of a worker that left on purpose after workers.max_consecutive_oom out-of-memory failures in a row.
-EXIT_AFTER_OOM = 75  # EX_TEMPFAIL
+# Exit codes of a worker that left on purpose (the supervisor names the reason in /status).
+EXIT_AFTER_OOM = 75  # EX_TEMPFAIL: workers.max_consecutive_oom out-of-memory failures in a row
+EXIT_DEVICE_FATAL = 76  # a fatal device error poisoned the CUDA context; only a fresh process can use the GPU again
 
 WorkerInbound = JobRequest | CancelJob | Shutdown
 WorkerOutbound = WorkerReady | WorkerStartupFailed | Heartbeat | JobStarted | JobProgress | JobResult | JobFailure

@@ -17,8 +17,8 @@ from typing import Any
 from genserve.config import CONTROL_MODES, Config
 from genserve.errors import BadRequest
 from genserve.fetch import FetchPolicy, fetch_url, is_url
-from genserve.images import DecodedImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
-from genserve.messages import JobRequest, Mode, RawImage
+from genserve.images import DecodedImage, RawImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
+from genserve.messages import JobRequest, Mode
 from genserve.schemas import MAX_SEED, GenerateRequest
 
 # Images each mode cannot run without. controlnet takes input_image too (ControlNet img2img) but does not need it.
@@ -41,7 +41,8 @@ _SCHEME = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")  # FLUX packs 2×2 laten
 
 @dataclass(frozen=True)
 class PreparedJob:
-    request: JobRequest  # output_path still empty: the job manager picks it
+    request: JobRequest  # output_path and image files still empty: the job manager fills them in at submission
+    images: dict[str, RawImage]  # the decoded inputs by field (input_image, mask_image, control_image)
     priority: int
     model_id: str
     params: dict[str, Any]  # the effective request as recorded and shown (no image bytes)
@@ -147,9 +148,10 @@ def prepare_job(
                 "they must match"
             )
 
-    def rgb(field: str) -> RawImage | None:
-        return to_raw_rgb(decoded[field], width, height) if field in decoded else None
-
+    raw: dict[str, RawImage] = {
+        field: (to_raw_mask if field == "mask_image" else to_raw_rgb)(image, width, height)
+        for field, image in decoded.items()
+    }
     request = JobRequest(
         job_id=uuid.uuid4().hex,
         mode=mode,
@@ -160,9 +162,9 @@ def prepare_job(
         guidance_scale=float(cfg),
         seed=resolve_seed(req.seed, config),
         strength=float(strength),
-        input_image=rgb("input_image"),
-        mask_image=to_raw_mask(decoded["mask_image"], width, height) if "mask_image" in decoded else None,
-        control_image=rgb("control_image"),
+        input_image=None,  # written to files by the job manager: images never ride the worker's pipe
+        mask_image=None,
+        control_image=None,
         control_mode=control_mode,
         controlnet_conditioning_scale=config.controlnet.conditioning_scale,
         output_path="",
@@ -179,8 +181,10 @@ def prepare_job(
         "priority": priority,
         "images": sorted(decoded),
     }
-    if request.input_image is not None:
+    if "input_image" in raw:
         params["strength"] = request.strength
     if mode == "controlnet":
         params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
-    return PreparedJob(request=request, priority=priority, model_id=model_id, params=params, timeout_s=req.timeout)
+    return PreparedJob(
+        request=request, images=raw, priority=priority, model_id=model_id, params=params, timeout_s=req.timeout
+    )

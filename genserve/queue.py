@@ -1,7 +1,10 @@
 """The one global job queue: lower ``priority`` value first, first-in first-out within a priority (as GenServe).
 
-Lives in the API process; not thread-safe by itself — the supervisor calls it under its lock. A job a dead worker
-dropped goes back to the *head* of its priority, so it does not wait behind work that arrived after it.
+Lives in the API process; not thread-safe by itself — the supervisor calls it under its lock, so every operation
+is O(log n): the supervisor lock is never held for work that grows with the queue. Items are ordered in a
+``SortedList`` keyed by (priority, sequence), which gives pop, remove and a job's place in line in O(log n); a
+separate heap keyed by deadline finds expired jobs without scanning. A job a dead worker dropped goes back to the
+*head* of its priority, so it does not wait behind work that arrived after it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import itertools
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from sortedcontainers import SortedList
+
 T = TypeVar("T")
+
+_Key = tuple[int, int]  # (priority, sequence)
 
 
 class QueueFullError(Exception):
@@ -21,68 +28,92 @@ class QueueFullError(Exception):
 class PriorityQueue(Generic[T]):
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        # Heap entries are [priority, sequence, item]; a removed entry has item None (lazy deletion keeps
-        # remove() O(1) and the heap valid). Sequence grows for push() and shrinks for push_front().
-        self._heap: list[list[object]] = []
-        self._entries: dict[int, list[object]] = {}  # id(item) -> entry
-        self._back = itertools.count(0)
-        self._front = itertools.count(-1, -1)
+        self._order: SortedList = SortedList()  # keys in run order
+        self._items: dict[_Key, T] = {}  # key -> item
+        self._keys: dict[int, _Key] = {}  # id(item) -> key
+        # Deadline heap with lazy deletion: entries of items no longer queued (or queued again under another
+        # key) are skipped when they reach the top.
+        self._deadlines: list[tuple[float, _Key]] = []
+        self._back = itertools.count(0)  # push(): sequences grow
+        self._front = itertools.count(-1, -1)  # push_front(): sequences shrink, so they sort first
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys)
 
     def __contains__(self, item: T) -> bool:
-        return id(item) in self._entries
+        return id(item) in self._keys
 
-    def push(self, item: T, priority: int) -> None:
+    def push(self, item: T, priority: int, deadline: float = float("inf")) -> None:
         """Add at the tail of its priority. Raises QueueFullError at max_size."""
-        if len(self._entries) >= self.max_size:
+        if len(self._keys) >= self.max_size:
             raise QueueFullError(f"queue holds {self.max_size} jobs")
-        self._add(item, priority, next(self._back))
+        self._add(item, (priority, next(self._back)), deadline)
 
-    def push_front(self, item: T, priority: int) -> None:
+    def push_front(self, item: T, priority: int, deadline: float = float("inf")) -> None:
         """Put back at the head of its priority (a retried job); allowed even when full, it was already accepted."""
-        self._add(item, priority, next(self._front))
+        self._add(item, (priority, next(self._front)), deadline)
 
-    def _add(self, item: T, priority: int, sequence: int) -> None:
-        if id(item) in self._entries:
+    def _add(self, item: T, key: _Key, deadline: float) -> None:
+        if id(item) in self._keys:
             raise ValueError("item is already queued")
-        entry: list[object] = [priority, sequence, item]
-        self._entries[id(item)] = entry
-        heapq.heappush(self._heap, entry)
+        self._keys[id(item)] = key
+        self._items[key] = item
+        self._order.add(key)
+        if deadline != float("inf"):
+            heapq.heappush(self._deadlines, (deadline, key))
 
     def pop(self) -> T | None:
         """Remove and return the next item, or None when empty."""
-        while self._heap:
-            _, _, item = heapq.heappop(self._heap)
-            if item is not None:
-                del self._entries[id(item)]
-                return item  # type: ignore[return-value]
-        return None
+        if not self._order:
+            return None
+        key = self._order.pop(0)
+        item = self._items.pop(key)
+        del self._keys[id(item)]
+        return item
 
     def remove(self, item: T) -> bool:
         """Take an item out wherever it is; False if it was not queued."""
-        entry = self._entries.pop(id(item), None)
-        if entry is None:
+        key = self._keys.pop(id(item), None)
+        if key is None:
             return False
-        entry[2] = None
+        del self._items[key]
+        self._order.remove(key)
         return True
-
-    def __iter__(self) -> Iterator[T]:
-        """Items in no particular order (O(n), no sort): for scans that do not care about the order."""
-        for entry in list(self._entries.values()):
-            yield entry[2]  # type: ignore[misc]
-
-    def ordered(self) -> Iterator[T]:
-        """Items in the order they will run (a sorted copy; O(n log n), for status pages)."""
-        live = sorted((entry for entry in self._entries.values()), key=lambda entry: (entry[0], entry[1]))
-        for entry in live:
-            yield entry[2]  # type: ignore[misc]
 
     def position(self, item: T) -> int | None:
         """0-based place in line, or None if not queued."""
-        entry = self._entries.get(id(item))
-        if entry is None:
-            return None
-        key = (entry[0], entry[1])
-        return sum(1 for other in self._entries.values() if (other[0], other[1]) < key)  # type: ignore[operator]
+        key = self._keys.get(id(item))
+        return None if key is None else int(self._order.index(key))
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline among queued items (None when none has one)."""
+        self._drop_stale_deadlines()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def pop_expired(self, now: float) -> list[T]:
+        """Remove and return every queued item whose deadline is at or before ``now``."""
+        expired: list[T] = []
+        while True:
+            self._drop_stale_deadlines()
+            if not self._deadlines or self._deadlines[0][0] > now:
+                return expired
+            _, key = heapq.heappop(self._deadlines)
+            item = self._items[key]
+            self.remove(item)
+            expired.append(item)
+
+    def _drop_stale_deadlines(self) -> None:
+        while self._deadlines and self._deadlines[0][1] not in self._items:
+            heapq.heappop(self._deadlines)
+        # Amortised cleanup: a heap mostly of stale entries (jobs that ran before their deadline) is rebuilt.
+        if len(self._deadlines) > 64 and len(self._deadlines) > 4 * len(self._items):
+            self._deadlines = [entry for entry in self._deadlines if entry[1] in self._items]
+            heapq.heapify(self._deadlines)
+
+    def __iter__(self) -> Iterator[T]:
+        """Items in the order they will run (O(n): for status pages, never under a hot lock)."""
+        return iter([self._items[key] for key in self._order])
+
+    def ordered(self) -> Iterator[T]:
+        """Items in the order they will run."""
+        return iter(self)

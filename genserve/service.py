@@ -1,8 +1,12 @@
-"""The service object every route reaches through ``request.app.state.service`` (API process)."""
+"""The service object every route reaches through ``request.app.state.service`` (API process), and its life:
+start, drain on a stop request, close."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -11,6 +15,35 @@ from genserve.job_manager import JobManager
 from genserve.messages import Mode
 from genserve.store import ResultStore
 from genserve.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+EXIT_WORKERS_FAILED = 70  # process exit status when a slot spent its budget under workers.on_budget_spent: exit
+
+
+@dataclass
+class StopControl:
+    """How any part of the service asks the HTTP server to stop gracefully, and with which exit status.
+
+    The server runner (``genserve.__main__``) installs the handler; without one (an app run by a test client)
+    a request is only recorded."""
+
+    reason: str | None = None
+    exit_code: int = 0
+    _handler: Callable[[], None] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def install(self, handler: Callable[[], None]) -> None:
+        self._handler = handler
+
+    def request(self, reason: str, exit_code: int = 0) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason, self.exit_code = reason, exit_code
+        log.warning("stopping the service: %s", reason)
+        if self._handler is not None:
+            self._handler()
 
 
 @dataclass
@@ -22,6 +55,17 @@ class Service:
     supervisor: Supervisor
     jobs: JobManager
     store: ResultStore
+    stop: StopControl
+
+    def drain(self) -> None:
+        """Stop taking jobs and let running ones finish within server.shutdown_grace_s (blocking; any thread)."""
+        self.supervisor.drain(self.config.server.shutdown_grace_s)
+
+    def close(self) -> None:
+        """Stop the workers, then write what is pending and close the store (blocking; after the HTTP server)."""
+        self.supervisor.shutdown()
+        self.jobs.stop()
+        self.store.close()
 
 
 def get_service(request: Request) -> Service:

@@ -1,24 +1,35 @@
-"""The result store: job records in SQLite and output images as files, under one folder (API process).
+"""The result store: job records in SQLite, output images and job inputs as files, under one folder (API process).
 
 Images are written by the workers straight to ``image_path(job_id)`` and only ever read back from disk here, so
-the API process never keeps them in memory. Records survive a restart of the API process; jobs that were queued
-or running when it died are marked failed ("service restarted") when the store opens — never silently dropped.
+the API process never keeps them in memory. A job's input pixels are written by the API process into
+``input_dir(job_id)`` at submission (the worker reads them from there; nothing big rides a pipe) and removed when
+the job ends. Records survive a restart of the API process; jobs that were queued or running when it died are
+marked failed ("service restarted") when the store opens — never silently dropped.
 
-Thread-safety: one SQLite connection in autocommit mode, guarded by a lock; the monitor thread writes state
-changes, route handlers read through the thread pool. Retention skips images that are being served right now.
+Threads and locks: every thread gets its own SQLite connection (WAL mode, so readers never wait for a writer and
+a writer waits for another only inside SQLite, with a busy timeout). There is no Python lock around SQLite at all:
+state changes come from one writer thread (``genserve.persistence``), reads from the HTTP thread pool, retention
+from its own thread in short batches. The only lock here guards the in-memory count of images being served, which
+retention skips.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from genserve.images import RawImage
+from genserve.messages import ImageFile
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +93,56 @@ class CleanupReport:
     kept_busy: int  # images skipped because they were being served
 
 
+RETENTION_BATCH = 500  # rows deleted per retention transaction: the writer thread never waits long for SQLite
+BUSY_TIMEOUT_MS = 30_000  # how long a connection waits for another's write transaction before it errors
+
+
 class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.images = root / "images"
+        self.inputs = root / "inputs"
         self.images.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        self._path = root / "jobs.sqlite3"
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()  # guards the list above (closing at shutdown)
         self._serving: Counter[str] = Counter()
-        self._conn = sqlite3.connect(root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last commits, not corrupt
-            self._conn.executescript(SCHEMA)
+        self._serving_lock = threading.Lock()
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last commits, not corrupt
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock upgrading a read later
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     # --- paths ---------------------------------------------------------------------------------------------------
 
@@ -106,91 +150,136 @@ class ResultStore:
         # Two-character fan-out keeps folders small on a busy server.
         return self.images / job_id[:2] / f"{job_id}.png"
 
+    def input_dir(self, job_id: str) -> Path:
+        return self.inputs / job_id
+
+    # --- job inputs ----------------------------------------------------------------------------------------------
+
+    def write_inputs(self, job_id: str, images: Mapping[str, RawImage]) -> dict[str, ImageFile]:
+        """Write a job's decoded input pixels for its worker; returns the file reference per field."""
+        if not images:
+            return {}
+        folder = self.input_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, ImageFile] = {}
+        for field, raw in images.items():
+            path = folder / f"{field}.raw"
+            path.write_bytes(raw.data)
+            files[field] = ImageFile(path=str(path), width=raw.width, height=raw.height, mode=raw.mode)
+        return files
+
+    def remove_inputs(self, job_id: str) -> None:
+        shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
+
+    def remove_all_inputs(self) -> None:
+        """At start: inputs of jobs a previous process never finished (they are marked failed)."""
+        shutil.rmtree(self.inputs, ignore_errors=True)
+        self.inputs.mkdir(parents=True, exist_ok=True)
+
     # --- records -------------------------------------------------------------------------------------------------
 
     def insert(self, record: JobRecord) -> None:
         values = [json.dumps(record.params) if name == "params" else getattr(record, name) for name in _COLUMNS]
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        with self._lock:
-            self._conn.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
+        self._conn().execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
 
     def update(self, job_id: str, **changes: Any) -> None:
-        unknown = set(changes) - set(_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown job columns {sorted(unknown)}")
-        assignments = ", ".join(f"{name} = ?" for name in changes)
-        with self._lock:
-            self._conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+        self.apply([(job_id, changes)])
+
+    def apply(self, updates: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Several record updates in one transaction (the persistence writer's batch)."""
+        with self._transaction() as conn:
+            for job_id, changes in updates:
+                unknown = set(changes) - set(_COLUMNS)
+                if unknown:
+                    raise ValueError(f"unknown job columns {sorted(unknown)}")
+                assignments = ", ".join(f"{name} = ?" for name in changes)
+                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
 
     def delete(self, job_id: str) -> None:
-        with self._lock:
-            self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._conn().execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
     def list(self, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobRecord], int]:
         """Newest first; also the total count matching ``status``."""
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
-        with self._lock:
-            total = self._conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
-            rows = self._conn.execute(
-                f"SELECT * FROM jobs {where} ORDER BY submitted_at DESC, id LIMIT ? OFFSET ?", [*args, limit, offset]
-            ).fetchall()
+        conn = self._conn()
+        total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+        rows = conn.execute(
+            f"SELECT * FROM jobs {where} ORDER BY submitted_at DESC, id LIMIT ? OFFSET ?", [*args, limit, offset]
+        ).fetchall()
         return [_record(row) for row in rows], int(total)
+
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
     def fail_interrupted(self, reason: str = "service restarted") -> int:
         """Jobs left queued or running by a previous process: they will never finish, so say so."""
-        with self._lock:
-            cursor = self._conn.execute(
-                "UPDATE jobs SET status = 'failed', error_type = 'service_restarted', error_message = ?, "
-                "finished_at = ? WHERE status IN ('queued', 'running')",
-                (reason, time.time()),
-            )
+        cursor = self._conn().execute(
+            "UPDATE jobs SET status = 'failed', error_type = 'service_restarted', error_message = ?, "
+            "finished_at = ? WHERE status IN ('queued', 'running')",
+            (reason, time.time()),
+        )
         return cursor.rowcount
 
     # --- serving and retention -----------------------------------------------------------------------------------
 
     def acquire(self, job_id: str) -> Path:
         """Hold an image while it is sent (retention leaves it alone); pair with release()."""
-        with self._lock:
+        with self._serving_lock:
             self._serving[job_id] += 1
         return self.image_path(job_id)
 
     def release(self, job_id: str) -> None:
-        with self._lock:
+        with self._serving_lock:
             self._serving[job_id] -= 1
             if self._serving[job_id] <= 0:
                 del self._serving[job_id]
 
+    def _is_served(self, job_id: str) -> bool:
+        with self._serving_lock:
+            return job_id in self._serving
+
     def cleanup(self, max_age_s: float, max_total_bytes: int, now: float | None = None) -> CleanupReport:
-        """Delete finished jobs older than max_age_s, then the oldest images while the total is over the cap."""
+        """Delete finished jobs older than max_age_s, then the oldest images while the total is over the cap.
+
+        Runs in a thread of its own and holds nothing anyone else waits for: it reads from a WAL snapshot and
+        deletes in transactions of RETENTION_BATCH rows, so the persistence writer gets SQLite's write lock
+        between batches and HTTP readers never wait at all."""
         now = time.time() if now is None else now
-        with self._lock:
-            rows = self._conn.execute(
+        rows = (
+            self._conn()
+            .execute(
                 "SELECT id, submitted_at, image_bytes FROM jobs "
                 "WHERE status NOT IN ('queued', 'running') ORDER BY submitted_at ASC"
-            ).fetchall()
-            total = sum(row["image_bytes"] or 0 for row in rows)
-            doomed: list[tuple[str, int]] = []
-            kept_busy = 0
-            for row in rows:
-                too_old = now - row["submitted_at"] > max_age_s
-                too_big = total > max_total_bytes and (row["image_bytes"] or 0) > 0
-                if not (too_old or too_big):
-                    continue
-                if row["id"] in self._serving:
-                    kept_busy += 1
-                    continue
-                doomed.append((row["id"], row["image_bytes"] or 0))
-                total -= row["image_bytes"] or 0
-            self._conn.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in doomed])
+            )
+            .fetchall()
+        )
+        total = sum(row["image_bytes"] or 0 for row in rows)
+        doomed: list[tuple[str, int]] = []
+        kept_busy = 0
+        for row in rows:
+            too_old = now - row["submitted_at"] > max_age_s
+            too_big = total > max_total_bytes and (row["image_bytes"] or 0) > 0
+            if not (too_old or too_big):
+                continue
+            if self._is_served(row["id"]):
+                kept_busy += 1
+                continue
+            doomed.append((row["id"], row["image_bytes"] or 0))
+            total -= row["image_bytes"] or 0
         deleted_bytes = 0
-        for job_id, size in doomed:
-            self.image_path(job_id).unlink(missing_ok=True)
-            deleted_bytes += size
+        for start in range(0, len(doomed), RETENTION_BATCH):
+            batch = doomed[start : start + RETENTION_BATCH]
+            with self._transaction() as conn:
+                conn.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in batch])
+            for job_id, size in batch:
+                if size:
+                    self.image_path(job_id).unlink(missing_ok=True)
+                deleted_bytes += size
         self._remove_stale_temporaries(now)
         if doomed:
             log.info("retention deleted %d job(s), %d bytes of images", len(doomed), deleted_bytes)

@@ -2,17 +2,33 @@
 
 Lives in the API process. One thread, ``genserve-monitor``, does all the talking to workers: it blocks in
 ``multiprocessing.connection.wait`` on every worker's pipe, every worker's process sentinel and a wake-up pipe, so
-a message, a death or a new job is acted on the moment it happens (no sleep-polling). It alone sends on worker
-pipes, which keeps pipe writes single-threaded. HTTP handlers only call ``submit`` / ``cancel`` / ``status``, which
-take the lock briefly and wake the monitor.
+a message, a death or a new job is acted on the moment it happens (no sleep-polling). HTTP handlers only call
+``submit`` / ``cancel`` (which take the lock briefly and wake the monitor) and read ``status()``, a snapshot the
+monitor publishes, without any lock.
+
+The monitor never waits on a worker. Every message to a worker is small (inputs travel as files, see
+``genserve.messages``) and is handed to that slot's sender thread (``genserve-sender-N``), which alone writes to the
+worker's pipe: a worker that stops reading (SIGSTOP, a GIL-holding hang) blocks only its own sender, and the
+monitor goes on detecting hangs and dispatching on every other slot. Under the lock there is no disk I/O and no
+work that grows with the queue: queue operations are O(log n), job events only enqueue work for the persistence
+writer, and expiry reads a deadline heap.
 
 Channels: per worker one duplex pipe (JobRequest / CancelJob / Shutdown out; WorkerReady, WorkerStartupFailed,
 Heartbeat, JobStarted, JobProgress, JobResult, JobFailure in) and the process sentinel (readable once it exits).
 
 Death of a worker: its job (recorded per slot) is re-queued once at the head of its priority; a job that was running
 on a second worker that died fails with WorkerDied, so a poison job cannot crash-loop the pool. The slot respawns
-on the same device after a doubling backoff, within a restart budget; once the budget is spent the slot stays dead
-and /ready and /status say why.
+on the same device after a doubling backoff. Within ``workers.max_restarts`` per ``restart_window_s`` that is all;
+once the budget is spent the slot does not give up: it retries every ``restart_backoff_max_s`` while /ready says
+"degraded" (Kubernetes' CrashLoopBackOff), or, with ``workers.on_budget_spent: exit``, the service exits non-zero so
+an orchestrator replaces it.
+
+Workers start from a forkserver that has already imported torch, diffusers and transformers (``workers.preload``),
+so a respawn costs the model load and little else. Nothing touches CUDA before the fork.
+
+Shutdown is two calls: ``drain(grace)`` stops taking jobs, fails what is queued, lets running jobs finish within the
+grace and fails the rest; ``shutdown()`` then asks each worker to exit, waits ``workers.shutdown_timeout_s`` and
+kills what is left. A worker that exits during either is never counted as a crash nor respawned.
 """
 
 from __future__ import annotations
@@ -20,19 +36,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, assert_never
 
 import torch.multiprocessing as torch_mp
 
 from genserve.config import Config, expand_path
 from genserve.errors import (
+    DeviceError,
     JobCanceled,
     JobFailed,
     JobTimeout,
@@ -45,7 +63,10 @@ from genserve.errors import (
 from genserve.jobs import Job, JobState
 from genserve.messages import (
     EXIT_AFTER_OOM,
+    EXIT_DEVICE_FATAL,
     CancelJob,
+    CancelReason,
+    FailureKind,
     Heartbeat,
     JobFailure,
     JobProgress,
@@ -53,6 +74,8 @@ from genserve.messages import (
     JobStarted,
     Mode,
     Shutdown,
+    WorkerInbound,
+    WorkerOutbound,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -62,16 +85,52 @@ from genserve.queue import PriorityQueue, QueueFullError
 log = logging.getLogger(__name__)
 
 _DEADLINE_SOURCE = "the request's timeout, capped by queue.task_timeout_s"
-TIMEOUT_REASON = "timeout"  # cancel reason of a job stopped by its deadline: it ends failed, not canceled
+# Modules the forkserver imports once, so that every worker forked from it starts with them loaded.
+PRELOAD_MODULES = ["workers.preload"]
+MONITOR_JOIN_S = 60.0  # at shutdown, the longest wait for the monitor to finish what it is doing
 
 WorkerTarget = Callable[[WorkerSpec, Connection], None]
+FatalHandler = Callable[[str], None]
 
 
-class WorkerState(str, Enum):
+class WorkerState(StrEnum):
     STARTING = "starting"  # process spawned, loading pipelines
     READY = "ready"  # idle, takes the next job
     BUSY = "busy"  # running a job
-    DEAD = "dead"  # no process: waiting to respawn, out of restart budget, or stopped
+    DEAD = "dead"  # no process: waiting to respawn, or stopped
+
+
+class _Sender:
+    """The one writer of a worker's pipe: a thread fed by a queue, so a stuck worker blocks only this thread.
+
+    It ends when told to close or when the pipe breaks (the worker died); it closes the connection itself, so no
+    other thread ever closes a descriptor this one might still be writing to."""
+
+    _CLOSE = object()
+
+    def __init__(self, conn: Connection, slot: int) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"genserve-sender-{slot}", daemon=True)
+        self._thread.start()
+
+    def send(self, message: WorkerInbound) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(self._CLOSE)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while (message := self._queue.get()) is not self._CLOSE:
+                self._conn.send(message)
+        except (BrokenPipeError, EOFError, OSError):
+            pass  # the worker is gone; its sentinel reports the death
+        finally:
+            self._conn.close()
 
 
 @dataclass(eq=False)
@@ -82,24 +141,26 @@ class WorkerSlot:
     device: str
     state: WorkerState = WorkerState.DEAD
     process: Any = None  # torch.multiprocessing Process while one runs
-    conn: Connection | None = None
+    conn: Connection | None = None  # our end of the pipe, read by the monitor only
+    sender: _Sender | None = None  # writes to the same pipe
     pid: int | None = None
     job: Job | None = None
     restarts: int = 0  # respawns so far
     restart_times: deque[float] = field(default_factory=deque)  # monotonic, within the budget window
     consecutive_failures: int = 0  # deaths since the last time it became ready: drives the backoff
-    respawn_at: float | None = None  # monotonic time of the scheduled respawn
+    respawn_at: float | None = None  # monotonic time of the next (re)spawn
+    spawned_once: bool = False  # the first spawn is no restart
     spawned_at: float | None = None  # monotonic
     ready_since: float | None = None  # wall clock
     last_heartbeat: float | None = None  # monotonic: any message counts
-    job_began: float | None = None  # monotonic: when the current job was handed over
     last_progress: float | None = None  # monotonic: the current job's last finished step (or its hand-over)
     steps_seen: int = 0  # steps of the current job reported so far
     slowest_step_s: float = 0.0  # the current job's slowest step: what a "slow step, not a hang" is judged by
     jobs_done: int = 0
+    load_time_s: float | None = None  # the last start's load time, as the worker measured it
+    peak_rss_mb: float | None = None  # the last start's peak host memory while loading
     last_error: str | None = None  # why the slot's process last died or failed to start (kept after recovery)
     death_cause: str | None = None  # set just before a death we caused or were told about; read by _on_death
-    gave_up: bool = False  # restart budget spent: no more respawns
 
     @property
     def alive(self) -> bool:
@@ -110,6 +171,22 @@ class WorkerSlot:
         return self.state in (WorkerState.READY, WorkerState.BUSY)
 
 
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """The pool as the monitor last published it; read by /status, /ready and /models without a lock."""
+
+    status: str  # running | degraded | starting | stopping
+    reason: str | None  # why not running, when it is not
+    accepting: bool
+    workers: tuple[dict[str, Any], ...]  # per slot; ages as monotonic stamps, rendered by Supervisor.status()
+    queue_size: int
+    max_queue_size: int
+    retry_after_s: int
+    ready_workers: int
+    total_restarts: int
+    published_at: float  # monotonic
+
+
 class Supervisor:
     def __init__(
         self,
@@ -117,15 +194,17 @@ class Supervisor:
         devices: list[str],
         enabled_modes: tuple[Mode, ...],
         worker_target: WorkerTarget | None = None,
-        on_queue_change: Callable[[], None] | None = None,
+        on_fatal: FatalHandler | None = None,
     ) -> None:
         self.config = config
-        # Called under the lock whenever the queue's order changes, so waiting jobs can publish their new place.
-        self._on_queue_change = on_queue_change or (lambda: None)
         self.enabled_modes = enabled_modes
         self._target = worker_target or _default_worker_target()
-        self._ctx = torch_mp.get_context("spawn")
+        # Called (outside the lock) when a slot spends its restart budget under workers.on_budget_spent: exit.
+        self._on_fatal = on_fatal or (lambda reason: None)
+        self._ctx = _worker_context(config.workers.start_method)
         self._lock = threading.RLock()
+        self._job_left_worker = threading.Condition(self._lock)  # drain() waits on it
+        self._queue_changed = threading.Event()  # the job manager's position publisher waits on it
         self._queue: PriorityQueue[Job] = PriorityQueue(config.queue.max_size)
         self._slots = [WorkerSlot(index=i, device=device) for i, device in enumerate(devices)]
         self._cpu_threads = self._threads_per_cpu_worker(devices)
@@ -133,60 +212,104 @@ class Supervisor:
         self._wake_pending = False  # one byte in the wake pipe is enough; never let it fill up
         self._monitor: threading.Thread | None = None
         self._accepting = False
-        self._stopping = False
+        self._draining = False  # no new jobs, no respawns: the service is going away
+        self._stopping = False  # the monitor ends
         self._started_at = time.time()
         self._ever_ready = False  # some worker has reported ready at least once
-        self._outgoing: list[tuple[WorkerSlot, object]] = []  # messages the monitor sends once it drops the lock
+        self._outgoing: list[tuple[WorkerSlot, WorkerInbound]] = []  # sent once the monitor drops the lock
+        self._fatal: str | None = None  # set once when on_budget_spent=exit fires
+        self._spawned: set[Any] = set()  # processes this supervisor started that have not been seen to end
         self._finishes: deque[float] = deque(maxlen=64)  # monotonic times jobs left workers: the drain rate
+        self._snapshot = self._build_snapshot()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn every worker and the monitor thread; returns at once (workers report ready later)."""
+        """Start the monitor, which spawns every worker; returns at once (workers report ready later)."""
         with self._lock:
             self._accepting = True
+            now = time.monotonic()
             for slot in self._slots:
-                self._spawn(slot)
+                slot.respawn_at = now
+            self._publish()
         self._monitor = threading.Thread(target=self._monitor_loop, name="genserve-monitor", daemon=True)
         self._monitor.start()
 
+    def drain(self, grace_s: float) -> None:
+        """Stop taking jobs; fail queued ones; give running ones ``grace_s`` to finish, then fail them. Blocking.
+
+        Sync clients of failed jobs get their 503 answer from their own route; workers keep running (idle) until
+        shutdown(), and none of them is respawned from now on."""
+        with self._lock:
+            if self._draining:
+                return
+            self._draining = True
+            self._accepting = False
+            self._fail_queued(ShuttingDown("service shutting down; the job had not started", headers=self._retry()))
+            self._publish()
+        self._wake()
+        log.info("draining: waiting up to %.1f s for running jobs", grace_s)
+        deadline = time.monotonic() + grace_s
+        with self._job_left_worker:
+            while self._running_jobs() and (left := deadline - time.monotonic()) > 0:
+                self._job_left_worker.wait(left)
+            self._fail_running(
+                f"service shutting down; the job was still running after server.shutdown_grace_s={grace_s:g} s"
+            )
+            self._publish()
+        self._wake()
+
     def shutdown(self) -> None:
-        """Stop accepting, fail what is still queued, then ask → terminate → kill each worker. Blocking."""
+        """Drain at once if nobody did, then ask → wait → kill each worker. Blocking; idempotent."""
+        self.drain(0.0)
         with self._lock:
             if self._stopping:
                 return
-            self._accepting = False
             self._stopping = True
-            while (job := self._queue.pop()) is not None:
-                job.finish(JobState.FAILED, error=ShuttingDown("service is shutting down; job was not started"))
-            self._on_queue_change()
+            slots = [slot for slot in self._slots if slot.process is not None]
+            self._publish()
         self._wake()
         if self._monitor is not None:
-            self._monitor.join(timeout=5)
-        with self._lock:
-            slots = [slot for slot in self._slots if slot.process is not None]
-            for slot in slots:
-                self._send(slot, Shutdown(reason="service shutting down"))
+            # It may be starting a process (the forkserver's first start imports torch): wait for that to end,
+            # so no worker can appear after the sweep below.
+            self._monitor.join(timeout=MONITOR_JOIN_S)
+        for slot in slots:
+            if slot.sender is not None:
+                slot.sender.send(Shutdown(reason="service shutting down"))
+                slot.sender.close()
         deadline = time.monotonic() + self.config.workers.shutdown_timeout_s
         for slot in slots:
             slot.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for slot in slots:
+            # Workers ignore SIGTERM (a group-wide SIGTERM must not kill them before the drain is over), so the
+            # step after asking is SIGKILL.
             if slot.process.is_alive():
-                log.warning("worker %d (pid %s) did not exit in time; terminating", slot.index, slot.pid)
-                slot.process.terminate()
-                slot.process.join(timeout=3)
-            if slot.process.is_alive():
-                log.warning("worker %d (pid %s) ignored SIGTERM; killing", slot.index, slot.pid)
+                log.warning("worker %d (pid %s) did not exit in time; killing it", slot.index, slot.pid)
                 slot.process.kill()
-                slot.process.join(timeout=3)
+                slot.process.join(timeout=5)
+        self._kill_stragglers()
         with self._lock:
             for slot in slots:
-                if slot.job is not None:
-                    slot.job.finish(JobState.FAILED, error=ShuttingDown("service shut down while the job ran"))
-                    slot.job = None
-                self._close(slot)
+                self._forget_process(slot)
                 slot.state = WorkerState.DEAD
+            self._publish()
         log.info("all workers stopped")
+
+    def _kill_stragglers(self) -> None:
+        """Any child process still alive now is one no slot knows of (a race with a spawn): kill it.
+
+        Workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait on one for ever."""
+        with self._lock:
+            leftovers = [process for process in self._spawned if process.is_alive()]
+        for process in leftovers:
+            log.warning("killing leftover worker process %s (pid %s)", process.name, process.pid)
+            process.kill()
+            process.join(timeout=5)
+
+    @property
+    def fatal_reason(self) -> str | None:
+        """Why the service must exit (a slot spent its budget under on_budget_spent: exit), or None."""
+        return self._fatal
 
     # --- requests from the HTTP side -------------------------------------------------------------------------
 
@@ -194,11 +317,11 @@ class Supervisor:
         """Queue a job; raises NotReady / QueueFull / ShuttingDown (nothing is queued then)."""
         with self._lock:
             if not self._accepting:
-                raise ShuttingDown("service is shutting down")
+                raise ShuttingDown("service is shutting down; not taking new jobs", headers=self._retry())
             if not self._can_take_jobs():
                 raise NotReady(self._not_ready_reason())
             try:
-                self._queue.push(job, job.priority)
+                self._queue.push(job, job.priority, job.schedule.deadline)
             except QueueFullError:
                 retry = self._retry_after_s()
                 raise QueueFull(
@@ -206,36 +329,177 @@ class Supervisor:
                     headers={"Retry-After": str(retry)},
                 ) from None
             job.mark_queued(self._queue.position(job))
-            self._on_queue_change()
+            self._queue_changed.set()
+            self._publish()
         self._wake()
         return job
 
-    def cancel(self, job: Job, reason: str) -> None:
+    def cancel(self, job: Job, reason: CancelReason) -> None:
         """Stop a job: out of the queue at once if waiting; at its next step if running. Idempotent."""
         with self._lock:
             if job.done:
                 return
-            job.cancel_reason = job.cancel_reason or reason
+            job.schedule.cancel_reason = job.schedule.cancel_reason or reason
             if self._queue.remove(job):
-                self._end_canceled(job)
-                self._on_queue_change()
+                self._end_stopped(job)
+                self._queue_changed.set()
+                self._publish()
                 return
         self._wake()  # the monitor sends CancelJob to the job's worker
 
-    def cancel_queued(self, job: Job, reason: str) -> bool:
+    def cancel_queued(self, job: Job, reason: CancelReason) -> bool:
         """Cancel a job only if it is still waiting; a running one is left alone. True if it was cancelled."""
         with self._lock:
-            if job.done or job not in self._queue:
+            if job.done or not self._queue.remove(job):
                 return False
-            job.cancel_reason = reason
-            self._queue.remove(job)
-            self._end_canceled(job)
-            self._on_queue_change()
+            job.schedule.cancel_reason = reason
+            self._end_stopped(job)
+            self._queue_changed.set()
+            self._publish()
             return True
 
-    def retry_after_s(self) -> int:
+    def wait_for_queue_change(self, timeout: float | None = None) -> bool:
+        """Block until the queue's order changed since the last call (the job manager's position publisher)."""
+        changed = self._queue_changed.wait(timeout)
+        self._queue_changed.clear()
+        return changed
+
+    def queued_jobs(self) -> list[Job]:
+        """Waiting jobs in the order they will run (O(n): for status pages)."""
         with self._lock:
-            return self._retry_after_s()
+            return list(self._queue.ordered())
+
+    def queue_position(self, job: Job) -> int | None:
+        with self._lock:
+            return self._queue.position(job)
+
+    # --- status (lock-free reads of the last snapshot) -------------------------------------------------------
+
+    def snapshot(self) -> PoolSnapshot:
+        return self._snapshot
+
+    def ready_count(self) -> int:
+        return self._snapshot.ready_workers
+
+    def total_workers(self) -> int:
+        return len(self._slots)
+
+    def retry_after_s(self) -> int:
+        return self._snapshot.retry_after_s
+
+    def not_ready_reason(self) -> str:
+        return self._snapshot.reason or "no worker is ready yet (pipelines still loading); retry shortly"
+
+    def status(self) -> dict[str, Any]:
+        snap = self._snapshot
+        now = time.monotonic()
+        workers = []
+        for view in snap.workers:
+            worker = dict(view)
+            heartbeat = worker.pop("_last_heartbeat")
+            respawn_at = worker.pop("_respawn_at")
+            worker["last_heartbeat_s"] = round(now - heartbeat, 3) if heartbeat is not None else None
+            worker["respawn_in_s"] = round(max(0.0, respawn_at - now), 3) if respawn_at is not None else None
+            workers.append(worker)
+        alive = sum(worker["state"] != WorkerState.DEAD.value for worker in workers)
+        return {
+            "status": snap.status,
+            "reason": snap.reason,
+            "concurrent_manager": {
+                "alive_processes": alive,
+                "dead_processes": len(workers) - alive,
+                "total_restarts": snap.total_restarts,
+                "global_queue_size": snap.queue_size,
+            },
+            "workers": workers,
+            "queue": {
+                "size": snap.queue_size,
+                "max_size": snap.max_queue_size,
+                "saturated": snap.queue_size >= snap.max_queue_size,
+                "retry_after_s": snap.retry_after_s,
+            },
+            "uptime_s": round(time.time() - self._started_at, 3),
+        }
+
+    def _publish(self) -> None:
+        """Under the lock: replace the snapshot (O(slots)); readers see the old or the new one, whole."""
+        self._snapshot = self._build_snapshot()
+
+    def _build_snapshot(self) -> PoolSnapshot:
+        workers = tuple(
+            {
+                "slot": slot.index,
+                "pid": slot.pid,
+                "device": slot.device,
+                "state": slot.state.value,
+                "restarts": slot.restarts,
+                "budget_left": self._budget_left(slot),
+                "budget_spent": self._budget_left(slot) == 0,
+                "current_job": slot.job.id if slot.job else None,
+                "jobs_done": slot.jobs_done,
+                "ready_since": slot.ready_since,
+                "load_time_s": slot.load_time_s,
+                "peak_rss_mb": slot.peak_rss_mb,
+                "last_error": slot.last_error,
+                "_last_heartbeat": slot.last_heartbeat,
+                "_respawn_at": slot.respawn_at,
+            }
+            for slot in self._slots
+        )
+        status, reason = self._overall_status()
+        return PoolSnapshot(
+            status=status,
+            reason=reason,
+            accepting=self._accepting,
+            workers=workers,
+            queue_size=len(self._queue),
+            max_queue_size=self._queue.max_size,
+            retry_after_s=self._retry_after_s(),
+            ready_workers=sum(slot.loaded for slot in self._slots),
+            total_restarts=sum(slot.restarts for slot in self._slots),
+            published_at=time.monotonic(),
+        )
+
+    def _overall_status(self) -> tuple[str, str | None]:
+        if self._draining or self._stopping:
+            return "stopping", "service is shutting down"
+        loaded = sum(slot.loaded for slot in self._slots)
+        spent = [slot for slot in self._slots if self._budget_left(slot) == 0 and not slot.loaded]
+        if spent:
+            cfg = self.config.workers
+            errors = "; ".join(f"worker {slot.index}: {slot.last_error}" for slot in spent)
+            return "degraded", (
+                f"{len(spent)} of {len(self._slots)} worker(s) spent their restart budget ({cfg.max_restarts} "
+                f"restarts in {cfg.restart_window_s:g} s) and retry every {cfg.restart_backoff_max_s:g} s: {errors}"
+            )
+        if loaded == len(self._slots):
+            return "running", None
+        down = [slot for slot in self._slots if not slot.loaded and slot.last_error]
+        errors = "; ".join(f"worker {slot.index}: {slot.last_error}" for slot in down)
+        if loaded:
+            return "degraded", f"{len(self._slots) - loaded} of {len(self._slots)} worker(s) restarting: {errors}"
+        if self._ever_ready or errors:
+            return "starting", f"every worker is restarting: {errors}" if errors else "every worker is restarting"
+        return "starting", "no worker is ready yet (pipelines still loading); retry shortly"
+
+    def _budget_left(self, slot: WorkerSlot) -> int:
+        cfg = self.config.workers
+        now = time.monotonic()
+        recent = sum(1 for at in slot.restart_times if now - at <= cfg.restart_window_s)
+        return max(0, cfg.max_restarts - recent)
+
+    def _can_take_jobs(self) -> bool:
+        """A loaded worker exists, or the pool has served before and a slot is only restarting.
+
+        Before the first worker is ever ready, clients get 503 as GenServe gives them. After that, a job that
+        arrives while every worker is being respawned waits in the queue (bounded by its deadline) instead of
+        failing: slots never give up, so some worker will take it.
+        """
+        return any(slot.loaded for slot in self._slots) or self._ever_ready
+
+    def _not_ready_reason(self) -> str:
+        _, reason = self._overall_status()
+        return reason or "no worker is ready yet (pipelines still loading); retry shortly"
 
     def _retry_after_s(self) -> int:
         """Seconds until a place in line is likely free, from how fast jobs have been leaving the workers."""
@@ -245,96 +509,10 @@ class Supervisor:
             rate = max(1, sum(slot.loaded for slot in self._slots)) / 30.0
         return int(min(3600, max(1, math.ceil(1 / rate))))
 
-    def queued_jobs(self) -> list[Job]:
-        """Waiting jobs in the order they will run."""
-        with self._lock:
-            return list(self._queue.ordered())
-
-    def queue_position(self, job: Job) -> int | None:
-        with self._lock:
-            return self._queue.position(job)
-
-    # --- status ----------------------------------------------------------------------------------------------
-
-    def ready_count(self) -> int:
-        with self._lock:
-            return sum(slot.loaded for slot in self._slots)
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            now = time.monotonic()
-            workers = [
-                {
-                    "slot": slot.index,
-                    "pid": slot.pid,
-                    "device": slot.device,
-                    "state": slot.state.value,
-                    "restarts": slot.restarts,
-                    "current_job": slot.job.id if slot.job else None,
-                    "jobs_done": slot.jobs_done,
-                    "last_heartbeat_s": round(now - slot.last_heartbeat, 3) if slot.last_heartbeat else None,
-                    "ready_since": slot.ready_since,
-                    "respawn_in_s": round(max(0.0, slot.respawn_at - now), 3) if slot.respawn_at else None,
-                    "gave_up": slot.gave_up,
-                    "last_error": slot.last_error,
-                }
-                for slot in self._slots
-            ]
-            alive = sum(slot.alive for slot in self._slots)
-            return {
-                "status": self._overall_status(),
-                "concurrent_manager": {
-                    "alive_processes": alive,
-                    "dead_processes": len(self._slots) - alive,
-                    "total_restarts": sum(slot.restarts for slot in self._slots),
-                    "global_queue_size": len(self._queue),
-                },
-                "workers": workers,
-                "queue": {
-                    "size": len(self._queue),
-                    "max_size": self._queue.max_size,
-                    "saturated": len(self._queue) >= self._queue.max_size,
-                    "retry_after_s": self._retry_after_s(),
-                },
-                "uptime_s": round(time.time() - self._started_at, 3),
-            }
-
-    def total_workers(self) -> int:
-        return len(self._slots)
-
-    def _overall_status(self) -> str:
-        if self._stopping:
-            return "stopping"
-        loaded = sum(slot.loaded for slot in self._slots)
-        if loaded == len(self._slots):
-            return "running"
-        if loaded:
-            return "degraded"
-        if any(slot.alive or slot.respawn_at is not None for slot in self._slots):
-            return "starting"
-        return "down"
-
-    def _can_take_jobs(self) -> bool:
-        """A loaded worker exists, or the pool has served before and a slot is only restarting.
-
-        Before the first worker is ever ready, clients get 503 as GenServe gives them. After that, a job that
-        arrives while every worker is being respawned waits in the queue instead of failing.
-        """
-        if any(slot.loaded for slot in self._slots):
-            return True
-        return self._ever_ready and not all(slot.gave_up for slot in self._slots)
-
-    def not_ready_reason(self) -> str:
-        with self._lock:
-            return self._not_ready_reason()
-
-    def _not_ready_reason(self) -> str:
-        if self._stopping:
-            return "service is shutting down"
-        if all(slot.gave_up for slot in self._slots):
-            errors = "; ".join(f"worker {s.index}: {s.last_error}" for s in self._slots if s.last_error)
-            return f"no worker can start (restart budget spent): {errors}"
-        return "no worker is ready yet (pipelines still loading); retry shortly"
+    def _retry(self) -> dict[str, str]:
+        """Retry-After of a refusal during shutdown: by then this process is gone and a replacement may be up."""
+        seconds = self.config.server.shutdown_grace_s + self.config.workers.shutdown_timeout_s
+        return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
     # --- the monitor thread ----------------------------------------------------------------------------------
 
@@ -353,24 +531,34 @@ class Supervisor:
                 timeout = self._seconds_to_next_deadline()
             ready = wait(list(waitables), timeout)
             try:
-                with self._lock:
-                    if self._stopping:
-                        break
-                    self._handle_ready(ready, waitables)
-                    self._respawn_due_slots()
-                    self._kill_slow_starters()
-                    self._kill_hung_workers()
-                    self._expire_deadlines()
-                    self._send_pending_cancels()
-                    self._dispatch()
-                    outgoing, self._outgoing = self._outgoing, []
-                # Sent without the lock: a job's input images can be tens of MB, and HTTP handlers must not wait
-                # on the lock meanwhile. Only this thread ever writes to worker pipes, so order is kept.
-                for slot, message in outgoing:
-                    self._send(slot, message)
+                self._monitor_turn(ready, waitables)
             except Exception:  # never let one bad message take supervision down with it
                 log.exception("monitor iteration failed; continuing")
         log.debug("monitor stopped")
+
+    def _monitor_turn(self, ready: list[Any], waitables: dict[Any, tuple[str, WorkerSlot | None]]) -> None:
+        fatal_before = self._fatal
+        with self._lock:
+            if self._stopping:
+                return
+            self._handle_ready(ready, waitables)
+            self._kill_slow_starters()
+            self._kill_hung_workers()
+            self._expire_deadlines()
+            self._send_pending_cancels()
+            self._dispatch()
+            to_spawn = self._slots_due_to_spawn()
+            outgoing, self._outgoing = self._outgoing, []
+            self._publish()
+        # Outside the lock: handing a message to a sender never blocks, but starting a process can take a while
+        # (the first start of the forkserver imports torch), and HTTP handlers must not wait on the lock for it.
+        for slot, message in outgoing:
+            if slot.sender is not None:
+                slot.sender.send(message)
+        for slot in to_spawn:
+            self._spawn(slot)
+        if self._fatal is not None and fatal_before is None:
+            self._on_fatal(self._fatal)
 
     def _handle_ready(self, ready: list[Any], waitables: dict[Any, tuple[str, WorkerSlot | None]]) -> None:
         deaths: list[WorkerSlot] = []
@@ -393,6 +581,8 @@ class Supervisor:
             self._wake_reader.recv_bytes()
 
     def _drain_messages(self, slot: WorkerSlot) -> None:
+        # Worker messages are a few hundred bytes, written in one syscall, so a readable pipe holds whole
+        # messages and recv() does not wait on a half-written one.
         conn = slot.conn
         if conn is None:
             return
@@ -402,48 +592,54 @@ class Supervisor:
         except (EOFError, OSError):
             pass  # the worker is gone; its sentinel reports the death
 
-    def _on_message(self, slot: WorkerSlot, message: object) -> None:
+    def _on_message(self, slot: WorkerSlot, message: WorkerOutbound) -> None:
         slot.last_heartbeat = time.monotonic()  # any message proves life
-        if isinstance(message, Heartbeat):
-            return
-        if isinstance(message, JobProgress):
-            job = self._current_job(slot, message.job_id)
-            if job is not None:
-                self._note_step(slot)
-                job.mark_progress(message.step, message.total_steps, message.elapsed_s)
-        elif isinstance(message, JobStarted):
-            job = self._current_job(slot, message.job_id)
-            if job is not None:
-                job.mark_started(message.started_at)
-        elif isinstance(message, JobResult):
-            job = self._release_job(slot, message.job_id)
-            if job is not None:
-                job.finish(JobState.COMPLETED, result=message)
-                slot.jobs_done += 1
-        elif isinstance(message, JobFailure):
-            job = self._release_job(slot, message.job_id)
-            if job is not None:
-                self._fail_job(job, message)
-        elif isinstance(message, WorkerReady):
-            self._ever_ready = True
-            slot.state = WorkerState.READY
-            slot.pid = message.pid
-            slot.ready_since = time.time()
-            slot.consecutive_failures = 0
-            log.info(
-                "worker %d ready on %s (pid %d, %.1f s, modes %s)%s",
-                slot.index,
-                message.device,
-                message.pid,
-                message.load_time_s,
-                ",".join(message.modes),
-                " — EMBEDDED RANDOM-WEIGHT TEST MODEL: images are noise" if message.embedded_model else "",
-            )
-        elif isinstance(message, WorkerStartupFailed):
-            slot.death_cause = f"startup failed: {message.error_type}: {message.message}"
-            log.error("worker %d could not start: %s: %s", slot.index, message.error_type, message.message)
-        else:
-            log.warning("worker %d sent an unknown message %r", slot.index, type(message).__name__)
+        match message:
+            case Heartbeat():
+                pass
+            case JobProgress():
+                if (job := self._current_job(slot, message.job_id)) is not None:
+                    self._note_step(slot)
+                    job.mark_progress(message.step, message.total_steps, message.elapsed_s)
+            case JobStarted():
+                if (job := self._current_job(slot, message.job_id)) is not None:
+                    job.mark_started(message.started_at)
+            case JobResult():
+                if (job := self._release_job(slot, message.job_id)) is not None:
+                    job.finish(JobState.COMPLETED, result=message)
+                    slot.jobs_done += 1
+            case JobFailure():
+                if (job := self._release_job(slot, message.job_id)) is not None:
+                    self._fail_job(job, message)
+                if message.kind is FailureKind.DEVICE_FATAL:
+                    slot.death_cause = f"fatal device error ({message.error_type}: {message.message}); restarted"
+            case WorkerReady():
+                self._on_ready(slot, message)
+            case WorkerStartupFailed():
+                slot.death_cause = f"startup failed: {message.error_type}: {message.message}"
+                log.error("worker %d could not start: %s: %s", slot.index, message.error_type, message.message)
+            case _:
+                assert_never(message)
+
+    def _on_ready(self, slot: WorkerSlot, message: WorkerReady) -> None:
+        self._ever_ready = True
+        slot.state = WorkerState.READY
+        slot.pid = message.pid
+        slot.ready_since = time.time()
+        slot.consecutive_failures = 0
+        slot.load_time_s = round(message.load_time_s, 3)
+        slot.peak_rss_mb = round(message.peak_rss_mb, 1)
+        log.info(
+            "worker %d ready on %s (pid %d, loaded in %.2f s, peak RSS %.0f MiB%s, modes %s)%s",
+            slot.index,
+            message.device,
+            message.pid,
+            message.load_time_s,
+            message.peak_rss_mb,
+            f", device memory {message.device_memory_mb:.0f} MiB" if message.device_memory_mb else "",
+            ",".join(message.modes),
+            " — EMBEDDED RANDOM-WEIGHT TEST MODEL: images are noise" if message.embedded_model else "",
+        )
 
     def _current_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
         return slot.job if slot.job is not None and slot.job.id == job_id else None
@@ -458,52 +654,85 @@ class Supervisor:
         slot.job = None
         if slot.state is WorkerState.BUSY:
             slot.state = WorkerState.READY
+        self._job_left_worker.notify_all()
         return job
 
     def _fail_job(self, job: Job, failure: JobFailure) -> None:
-        if failure.error_type == "canceled":
-            self._end_canceled(job)
-            return
-        if failure.error_type == "out_of_memory":
-            job.finish(
-                JobState.FAILED,
-                error=OutOfMemory(f"out of memory: {failure.message}", worker_error_type=failure.error_type),
-            )
-            return
-        job.finish(
-            JobState.FAILED,
-            error=JobFailed(
-                f"generation failed: {failure.error_type}: {failure.message}",
-                worker_error_type=failure.error_type,
-            ),
-        )
+        match failure.kind:
+            case FailureKind.CANCELED:
+                self._end_stopped(job)
+            case FailureKind.OUT_OF_MEMORY:
+                job.finish(JobState.FAILED, error=OutOfMemory(f"out of memory: {failure.message}"))
+            case FailureKind.DEVICE_FATAL:
+                job.finish(
+                    JobState.FAILED,
+                    error=DeviceError(
+                        f"fatal device error: {failure.error_type}: {failure.message}; "
+                        "the worker restarts with a fresh device context"
+                    ),
+                )
+            case FailureKind.ERROR:
+                job.finish(
+                    JobState.FAILED, error=JobFailed(f"generation failed: {failure.error_type}: {failure.message}")
+                )
+            case _:
+                assert_never(failure.kind)
 
-    @staticmethod
-    def _end_canceled(job: Job) -> None:
-        """A stopped job ends canceled, or failed with reason timeout when its deadline stopped it."""
-        if job.cancel_reason == TIMEOUT_REASON:
-            job.finish(
-                JobState.FAILED,
-                error=JobTimeout(
-                    f"job ran past its deadline of {job.timeout_s:g} s ({_DEADLINE_SOURCE}) and was stopped"
-                ),
-            )
-        else:
-            job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({job.cancel_reason or 'by request'})"))
+    def _end_stopped(self, job: Job) -> None:
+        """A job that stopped because someone asked: canceled, or failed when a deadline or shutdown stopped it."""
+        reason = job.schedule.cancel_reason
+        match reason:
+            case CancelReason.TIMEOUT:
+                error: JobTimeout | ShuttingDown | JobCanceled = JobTimeout(
+                    f"job ran past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) and was stopped"
+                )
+                job.finish(JobState.FAILED, error=error)
+            case CancelReason.SHUTDOWN:
+                job.finish(JobState.FAILED, error=ShuttingDown("service shutting down", headers=self._retry()))
+            case None:
+                job.finish(JobState.CANCELED, error=JobCanceled("job was canceled (by request)"))
+            case _:
+                job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({reason.value})"))
+
+    def _running_jobs(self) -> list[Job]:
+        return [slot.job for slot in self._slots if slot.job is not None and not slot.job.done]
+
+    def _fail_queued(self, error: ShuttingDown) -> None:
+        while (job := self._queue.pop()) is not None:
+            job.schedule.cancel_reason = CancelReason.SHUTDOWN
+            job.finish(JobState.FAILED, error=error)
+        self._queue_changed.set()
+
+    def _fail_running(self, message: str) -> None:
+        """Under the lock, at the end of the grace: jobs still running fail now; their workers are told to stop."""
+        for job in self._running_jobs():
+            job.schedule.cancel_reason = CancelReason.SHUTDOWN
+            job.finish(JobState.FAILED, error=ShuttingDown(message, headers=self._retry()))
+        self._send_pending_cancels()
 
     def _on_death(self, slot: WorkerSlot) -> None:
         process = slot.process
-        # The sentinel fires when the child's descriptors close, which can be tens of ms before the kernel has
-        # torn down a large torch process and waitpid can report its exit code.
-        process.join(timeout=2)
+        # With the forkserver the sentinel fires after the exit status is known; with spawn it can fire a moment
+        # before waitpid can report it, so wait a little (bounded: this runs under the lock).
+        process.join(timeout=0.2)
         exitcode = process.exitcode
+        self._spawned.discard(process)
         job, slot.job = slot.job, None
-        self._close(slot)
+        self._forget_process(slot)
         slot.state = WorkerState.DEAD
         slot.ready_since = None
+        if self._draining:
+            log.info("worker %d (pid %s) exited during shutdown (code %s)", slot.index, slot.pid, exitcode)
+            if job is not None:
+                job.schedule.cancel_reason = CancelReason.SHUTDOWN
+                self._end_stopped(job)
+            self._job_left_worker.notify_all()
+            return
         log.warning("worker %d (pid %s, %s) died with exit code %s", slot.index, slot.pid, slot.device, exitcode)
         if exitcode == EXIT_AFTER_OOM:
             slot.last_error = "restarted itself after repeated out-of-memory failures"
+        elif exitcode == EXIT_DEVICE_FATAL:
+            slot.last_error = slot.death_cause or "restarted itself after a fatal device error"
         else:
             slot.last_error = slot.death_cause or f"process exited with code {exitcode}"
         slot.death_cause = None
@@ -512,9 +741,9 @@ class Supervisor:
         self._schedule_respawn(slot)
 
     def _recover_job(self, job: Job, slot: WorkerSlot) -> None:
-        if job.cancel_reason is not None:
-            self._end_canceled(job)
-        elif job.attempts >= 2:
+        if job.schedule.cancel_reason is not None:
+            self._end_stopped(job)
+        elif job.schedule.attempts >= 2:
             log.error("job %s was running on two workers that both died; failing it", job.id)
             job.finish(
                 JobState.FAILED,
@@ -524,53 +753,68 @@ class Supervisor:
             )
         else:
             log.warning("re-queueing job %s at the head of priority %d", job.id, job.priority)
-            self._queue.push_front(job, job.priority)
+            self._queue.push_front(job, job.priority, job.schedule.deadline)
             job.mark_queued(self._queue.position(job), requeued_because=f"worker {slot.index} died")
-            self._on_queue_change()
+            self._queue_changed.set()
 
     def _schedule_respawn(self, slot: WorkerSlot) -> None:
         cfg = self.config.workers
-        now = time.monotonic()
-        while slot.restart_times and now - slot.restart_times[0] > cfg.restart_window_s:
-            slot.restart_times.popleft()
-        if len(slot.restart_times) >= cfg.max_restarts:
-            slot.gave_up = True
-            slot.respawn_at = None
-            slot.last_error = (
-                f"{slot.last_error}; restart budget spent ({cfg.max_restarts} restarts in "
-                f"{cfg.restart_window_s:g} s), not respawned"
+        if self._budget_left(slot) > 0:
+            delay = min(cfg.restart_backoff_s * (2**slot.consecutive_failures), cfg.restart_backoff_max_s)
+        elif cfg.on_budget_spent == "exit":
+            reason = (
+                f"worker {slot.index} spent its restart budget ({cfg.max_restarts} restarts in "
+                f"{cfg.restart_window_s:g} s; last error: {slot.last_error}) and workers.on_budget_spent is exit"
             )
-            log.error("worker %d: %s", slot.index, slot.last_error)
-            self._fail_queue_if_no_worker_left()
+            log.critical("%s: the service exits so that its supervisor can replace it", reason)
+            self._fatal = self._fatal or reason
             return
-        delay = min(cfg.restart_backoff_s * (2**slot.consecutive_failures), cfg.restart_backoff_max_s)
+        else:
+            delay = cfg.restart_backoff_max_s
+            log.error(
+                "worker %d spent its restart budget (%d in %g s); retrying every %g s (last error: %s)",
+                slot.index,
+                cfg.max_restarts,
+                cfg.restart_window_s,
+                delay,
+                slot.last_error,
+            )
         slot.consecutive_failures += 1
-        slot.respawn_at = now + delay
+        slot.respawn_at = time.monotonic() + delay
         log.info("worker %d respawns in %.2f s", slot.index, delay)
 
-    def _fail_queue_if_no_worker_left(self) -> None:
-        """Every slot spent its budget: nothing will ever run the queued jobs, so end them now."""
-        if not all(slot.gave_up for slot in self._slots):
-            return
-        reason = self._not_ready_reason()
-        while (job := self._queue.pop()) is not None:
-            job.finish(JobState.FAILED, error=NotReady(reason))
-        self._on_queue_change()
-
-    def _respawn_due_slots(self) -> None:
+    def _slots_due_to_spawn(self) -> list[WorkerSlot]:
+        """Slots whose (re)spawn is due, at most workers.parallel_loads loading at once; marked STARTING here."""
+        if self._draining:
+            return []
         now = time.monotonic()
+        limit = self.config.workers.parallel_loads or len(self._slots)
+        loading = sum(slot.state is WorkerState.STARTING for slot in self._slots)
+        due: list[WorkerSlot] = []
         for slot in self._slots:
-            if slot.respawn_at is not None and slot.respawn_at <= now:
-                slot.respawn_at = None
+            if loading >= limit:
+                break
+            if slot.respawn_at is None or slot.respawn_at > now or slot.state is not WorkerState.DEAD:
+                continue
+            slot.respawn_at = None
+            if slot.spawned_once:
                 slot.restarts += 1
                 slot.restart_times.append(now)
-                self._spawn(slot)
+                while slot.restart_times and now - slot.restart_times[0] > self.config.workers.restart_window_s:
+                    slot.restart_times.popleft()
+            slot.spawned_once = True
+            slot.state = WorkerState.STARTING
+            slot.spawned_at = slot.last_heartbeat = now
+            loading += 1
+            due.append(slot)
+        return due
 
     def _kill_slow_starters(self) -> None:
         limit = self.config.workers.ready_timeout_s
         now = time.monotonic()
         for slot in self._slots:
-            if slot.state is WorkerState.STARTING and slot.spawned_at and now - slot.spawned_at > limit:
+            starting = slot.state is WorkerState.STARTING and slot.process is not None
+            if starting and slot.spawned_at is not None and now - slot.spawned_at > limit:
                 slot.death_cause = (
                     f"not ready within workers.ready_timeout_s={limit:g} s; raise it if loading is just slow"
                 )
@@ -614,34 +858,35 @@ class Supervisor:
                     break
 
     def _expire_deadlines(self) -> None:
-        """Jobs past their deadline: out of the queue now, or stopped at the running job's next step."""
+        """Jobs past their deadline: out of the queue now (O(log n) each), or stopped at the running job's next step."""
         now = time.monotonic()
-        expired = [job for job in self._queue if job.deadline <= now]
+        expired = self._queue.pop_expired(now)
         for job in expired:
-            self._queue.remove(job)
-            job.cancel_reason = TIMEOUT_REASON
+            job.schedule.cancel_reason = CancelReason.TIMEOUT
             job.finish(
                 JobState.FAILED,
                 error=JobTimeout(
-                    f"job waited past its deadline of {job.timeout_s:g} s ({_DEADLINE_SOURCE}) in the queue"
+                    f"job waited past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) in the queue"
                 ),
             )
         if expired:
-            self._on_queue_change()
+            self._queue_changed.set()
         for slot in self._slots:
             running = slot.job
-            if running is not None and running.cancel_reason is None and running.deadline <= now:
-                running.cancel_reason = TIMEOUT_REASON  # _send_pending_cancels tells the worker
+            if running is not None and running.schedule.cancel_reason is None and running.schedule.deadline <= now:
+                running.schedule.cancel_reason = CancelReason.TIMEOUT  # _send_pending_cancels tells the worker
 
     def _send_pending_cancels(self) -> None:
         for slot in self._slots:
             job = slot.job
-            if job is not None and job.cancel_reason is not None and not job.cancel_sent:
-                job.cancel_sent = True
+            if job is not None and job.schedule.cancel_reason is not None and not job.schedule.cancel_sent:
+                job.schedule.cancel_sent = True
                 self._outgoing.append((slot, CancelJob(job_id=job.id)))
 
     def _dispatch(self) -> None:
         """Hand queued jobs to idle workers, lowest slot first, until one runs out."""
+        if self._draining:
+            return
         dispatched = False
         for slot in self._slots:
             if not len(self._queue):
@@ -651,15 +896,17 @@ class Supervisor:
             job = self._queue.pop()
             if job is None:
                 break
+            job.schedule.attempts += 1
+            job.schedule.cancel_sent = False
             job.mark_dispatched(slot.index, slot.device)
             slot.job, slot.state = job, WorkerState.BUSY
-            slot.job_began = slot.last_progress = time.monotonic()
+            slot.last_progress = time.monotonic()
             slot.steps_seen, slot.slowest_step_s = 0, 0.0
             # If the worker died meanwhile the send fails quietly; its sentinel fires and _on_death re-queues.
             self._outgoing.append((slot, job.request))
             dispatched = True
         if dispatched:
-            self._on_queue_change()
+            self._queue_changed.set()
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines: list[float] = []
@@ -669,10 +916,11 @@ class Supervisor:
             if slot.state is WorkerState.STARTING and slot.spawned_at is not None:
                 deadlines.append(slot.spawned_at + self.config.workers.ready_timeout_s + 0.01)
             deadlines.extend(deadline + 0.01 for deadline, _ in self._hang_deadlines(slot))
-            if slot.job is not None and slot.job.cancel_reason is None:
-                deadlines.append(slot.job.deadline)
-        # Runs on every monitor wake-up (each progress message): an unsorted scan, not ordered()'s sort.
-        deadlines.extend(job.deadline for job in self._queue)
+            if slot.job is not None and slot.job.schedule.cancel_reason is None:
+                deadlines.append(slot.job.schedule.deadline)
+        queued = self._queue.next_deadline()
+        if queued is not None:
+            deadlines.append(queued)
         deadlines = [deadline for deadline in deadlines if deadline != float("inf")]
         if not deadlines:
             return None
@@ -681,6 +929,7 @@ class Supervisor:
     # --- process plumbing ------------------------------------------------------------------------------------
 
     def _spawn(self, slot: WorkerSlot) -> None:
+        """Start the slot's process (monitor thread, without the lock held) and attach it under the lock."""
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=self._target,
@@ -688,18 +937,43 @@ class Supervisor:
             name=f"genserve-worker-{slot.index}",
             daemon=True,  # multiprocessing's exit hook terminates it if the API process exits normally
         )
-        process.start()
+        try:
+            process.start()
+        except Exception as exc:  # e.g. the forkserver could not start: a death like any other
+            log.exception("worker %d could not be started", slot.index)
+            parent_conn.close()
+            child_conn.close()
+            with self._lock:
+                slot.state = WorkerState.DEAD
+                slot.last_error = f"could not start a process: {type(exc).__name__}: {exc}"
+                if not self._draining:
+                    self._schedule_respawn(slot)
+                self._publish()
+            return
         child_conn.close()  # the child holds its own copy; ours would hide EOF
-        slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
-        slot.state = WorkerState.STARTING
-        slot.spawned_at = slot.last_heartbeat = time.monotonic()
+        with self._lock:
+            if self._draining:  # shutdown began while this process was starting: it must not outlive us
+                log.info("worker %d started during shutdown; stopping it", slot.index)
+                process.kill()
+                process.join(timeout=5)
+                parent_conn.close()
+                slot.state = WorkerState.DEAD
+                self._publish()
+                return
+            self._spawned.add(process)
+            slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
+            slot.sender = _Sender(parent_conn, slot.index)
+            slot.spawned_at = slot.last_heartbeat = time.monotonic()
+            self._publish()
         log.info("worker %d spawned on %s (pid %d)", slot.index, slot.device, process.pid)
+        self._wake()  # the monitor must start waiting on the new pipe and sentinel
 
     def _spec(self, slot: WorkerSlot) -> WorkerSpec:
         cfg = self.config
         embedded = cfg.uses_embedded_model
         return WorkerSpec(
             slot=slot.index,
+            api_pid=os.getpid(),
             device=slot.device,
             model_path=str(expand_path(cfg.model.path)) if cfg.model.path else "",
             fill_path=str(expand_path(cfg.fill.path)) if cfg.fill.path else "",
@@ -719,18 +993,11 @@ class Supervisor:
         cpu_workers = sum(device == "cpu" for device in devices) or 1
         return max(1, (os.cpu_count() or 1) // cpu_workers)
 
-    def _send(self, slot: WorkerSlot, message: object) -> bool:
-        if slot.conn is None:
-            return False
-        try:
-            slot.conn.send(message)
-            return True
-        except (BrokenPipeError, EOFError, OSError):
-            return False
-
-    def _close(self, slot: WorkerSlot) -> None:
-        if slot.conn is not None:
-            slot.conn.close()
+    def _forget_process(self, slot: WorkerSlot) -> None:
+        """The slot's process is gone: stop reading its pipe here; its sender closes the pipe after its queue."""
+        if slot.sender is not None:
+            slot.sender.close()
+        slot.sender = None
         slot.conn = None
         slot.process = None
 
@@ -743,6 +1010,18 @@ class Supervisor:
             self._wake_writer.send_bytes(b"!")
         except OSError:
             pass
+
+
+def _worker_context(start_method: str) -> Any:
+    """The multiprocessing context workers start from.
+
+    forkserver: a server process imports PRELOAD_MODULES once; each worker is a fork of it, so a respawn skips
+    importing torch, diffusers and transformers. It never touches CUDA, so each worker still initialises CUDA
+    itself, as with spawn. spawn: a fresh interpreter per worker (slower; for platforms without fork)."""
+    ctx = torch_mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD_MODULES)
+    return ctx
 
 
 def _default_worker_target() -> WorkerTarget:

@@ -1,14 +1,55 @@
-"""Shared fixtures: the embedded model cache (built once per test session) and real GenServe servers."""
+"""Shared fixtures: the embedded model cache (built once per test session), real GenServe servers, and gates.
+
+Gates: a fault-injection job whose prompt carries ``[gate:NAME]`` waits until the test opens that gate (a file in
+one folder for the whole session, named by FAULT_GATE_DIR). The variable is set here, at import, so that every
+process started later inherits it: the forkserver workers fork from, and each server subprocess.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.fault_worker import GATE_ENV, gate_marker, open_gate
 from tests.server import GenServeProcess
+
+os.environ.setdefault(GATE_ENV, tempfile.mkdtemp(prefix="genserve-gates-"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e starts real servers: mark it, so ``-m "not e2e"`` runs the fast set alone."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(e2e):
+            item.add_marker(pytest.mark.e2e)
+
+
+class Gates:
+    """Named gates that gated jobs wait on; each test makes fresh names, so tests never share a gate."""
+
+    def __init__(self) -> None:
+        self.folder = Path(os.environ[GATE_ENV])
+
+    def new(self) -> str:
+        return f"gate-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def marker(name: str) -> str:
+        return f"{gate_marker(name)} held by the test"
+
+    def open(self, name: str) -> None:
+        open_gate(self.folder, name)
+
+
+@pytest.fixture
+def gates() -> Gates:
+    return Gates()
 
 
 @pytest.fixture(scope="session")

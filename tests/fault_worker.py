@@ -6,31 +6,92 @@ real pipelines, except that a job whose prompt carries a marker fails the way a 
   by the same path);
 - ``[hang]``: finishes one step, then blocks forever in the main thread (heartbeats go on: only the stall shows);
 - ``[slow]``: every step takes SLOW_STEP_S, then the real pipeline produces the image (a slow step is no hang);
-- ``[crash]``: the process exits at once.
+- ``[crash]``: the process exits at once;
+- ``[device-error]``: raises torch.AcceleratorError as CUDA does after an illegal memory access (the context is
+  poisoned: the worker must fail the job and exit);
+- ``[gate:NAME]``: waits before its first step until the file NAME exists in the folder named by the
+  FAULT_GATE_DIR environment variable (the test opens the gate by creating it), then runs the real pipeline. A
+  cancel stops it while it waits. This is how tests hold a worker busy for exactly as long as they need, on any
+  machine, instead of a "blocker" job whose length depends on the CPU.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from genserve.messages import JobRequest, WorkerSpec
 
+StepCallback = Callable[[int, int], None]
+
 SLOW_STEP_S = 1.5
+GATE_ENV = "FAULT_GATE_DIR"
+_GATE = re.compile(r"\[gate:([\w.-]+)\]")
+_GATE_POLL_S = 0.01
+
+
+def gate_marker(name: str) -> str:
+    return f"[gate:{name}]"
+
+
+def open_gate(gate_dir: Path, name: str) -> None:
+    (gate_dir / name).touch()
+
+
+GateWait = Callable[[JobRequest, StepCallback], None]
+
+
+def install_gates() -> GateWait:
+    """Patch the worker's cancel board to note cancels, and return the wait for a job's [gate:NAME] marker."""
+    from workers import main
+
+    canceled: set[str] = set()
+    canceled_lock = threading.Lock()
+    real_cancel = main._CancelBoard.cancel
+
+    def noting_cancel(board: Any, job_id: str) -> None:
+        with canceled_lock:
+            canceled.add(job_id)
+        real_cancel(board, job_id)
+
+    def wait_for_gate(job: JobRequest, on_step: StepCallback) -> None:
+        marker = _GATE.search(job.prompt)
+        if marker is None:
+            return
+        gate = Path(os.environ[GATE_ENV]) / marker.group(1)
+        while not gate.exists():
+            with canceled_lock:
+                if job.job_id in canceled:
+                    on_step(1, job.num_inference_steps)  # the real callback sees the cancel and raises
+            time.sleep(_GATE_POLL_S)
+
+    main._CancelBoard.cancel = noting_cancel  # type: ignore[method-assign]
+    return wait_for_gate
 
 
 def run_faulty_worker(spec: WorkerSpec, conn: Connection) -> None:
+    import torch
+
     from workers import main, pipelines
 
     real_run = pipelines.PipelineSet.run
+    wait_for_gate = install_gates()
 
-    def faulty_run(self: Any, job: JobRequest, on_step: Any) -> Any:
+    def faulty_run(self: Any, job: JobRequest, on_step: StepCallback) -> Any:
         total = job.num_inference_steps
+        wait_for_gate(job, on_step)
         if "[oom]" in job.prompt:
             on_step(1, total)
             raise MemoryError("injected: out of memory allocating the attention buffer")
+        if "[device-error]" in job.prompt:
+            on_step(1, total)
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
         if "[hang]" in job.prompt:
             on_step(1, total)
             while True:

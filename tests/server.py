@@ -85,6 +85,7 @@ class GenServeProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a test can signal the server and its workers at once
             )
         wait_until(self._answers, timeout, 0.1, "the server to answer /health")
         if wait_ready:
@@ -138,6 +139,11 @@ class GenServeProcess:
             except psutil.NoSuchProcess:
                 pass
         return self.process.returncode
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the server's whole process group, as a terminal's Ctrl-C or a container stop can."""
+        assert self.process is not None
+        os.killpg(self.process.pid, sig)
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Measure GenServe's service overhead and worker kill recovery, from the outside (HTTP only).
+"""Measure GenServe's service overhead, worker kill recovery and retention's cost, from the outside (HTTP only).
 
-Client-only: this script never imports genserve or the workers; it speaks HTTP to a running server with
-``requests`` and reads ``/status``. Phase 2 sends SIGKILL to a worker process, so for that phase the server must
-run on this machine (as the same user); ``--kill-trials 0`` skips it.
+Client-only: this script never imports genserve or the workers. It speaks HTTP to a server with ``requests`` and
+reads ``/status``; phase 2 sends SIGKILL to a worker process, so for that phase the server must run on this machine
+(as the same user). Phase 3 starts a server of its own (``python -m genserve`` as a subprocess) and writes into
+that server's SQLite file directly, as an operator could.
 
-Phase 1 (overhead): N sequential text2img requests to POST /generate, after some uncounted warm-up requests.
-For each one it records the client end-to-end latency (perf_counter around the HTTP call, over one keep-alive
-session) and the server's ``timings``: total_s (server-side request time), pipeline_s and encode_s (measured on
-the worker) and queue_s (dispatch: submit until the job starts on an idle worker). It prints p50/p95/mean/max of
+Phase 1 (overhead, against --url): N sequential text2img requests to POST /generate, after some uncounted warm-up
+requests. For each one it records the client end-to-end latency (perf_counter around the HTTP call, over one
+keep-alive session) and the server's ``timings``: total_s (server-side request time), pipeline_s and encode_s
+(measured on the worker) and queue_s (dispatch: submit until the job starts on an idle worker). It prints
+p50/p95/mean/max of
 
     end-to-end latency
     pipeline time, encode time            (the model and the PNG encoder: not overhead)
@@ -17,46 +19,89 @@ the worker) and queue_s (dispatch: submit until the job starts on an idle worker
     dispatch          = queue_s
 
 against the targets: service overhead <= 10 ms p50 and dispatch <= 2 ms p50, and a breakdown of where the
-overhead goes (dispatch / rest of the server / outside the server).
+overhead goes (dispatch / rest of the server / outside the server). ``--requests 0`` skips it.
 
-Phase 2 (kill recovery, K trials): take a ready worker's pid from /status, SIGKILL it, poll /status every ~5 ms
-and report how long until the slot is seen dead (state "dead", or already "starting" with a new pid) and until it
-is "ready" again with a new pid. "Seen dead" includes the polling granularity (one poll interval plus one /status
-round trip at most). Each trial spends one of the slot's respawns: the supervisor allows workers.max_restarts
-(default 10) per restart_window_s (600 s), so repeated runs against one server soon leave the slot dead.
+Phase 2 (kill recovery, K trials, against --url): take a ready worker's pid from /status, SIGKILL it, poll /status
+every ~5 ms and report p50/p95/max of how long until the slot is seen dead (state "dead", or already "starting"
+with a new pid) and until it is "ready" again with a new pid. "Seen dead" includes the polling granularity (one
+poll interval plus one /status round trip at most). Each trial spends one of the slot's respawns: the supervisor
+allows workers.max_restarts (default 10) per restart_window_s (600 s), so repeated runs against one server soon
+leave the slot dead. ``--kill-trials 0`` skips it.
+
+Phase 3 (retention, R records, its own server; ``--retention-records 0``, the default, skips it): start
+``python -m genserve`` from the repository root with a config in a temporary folder (a free port, the result store
+in that folder, results.cleanup_interval_s = --retention-interval, one CPU worker, the embedded test model from
+--embedded-cache). Then, twice, for at least --retention-window seconds, run sequential sync POST /generate
+requests (128 px, 2 steps) recording timings.queue_s ("dispatch"), while a thread sends GET /health as fast as it
+can on a keep-alive session of its own:
+
+    no retention      as is (the store holds a few rows; retention passes find nothing to delete)
+    during retention  after inserting R finished jobs submitted 30 days ago (no image files) into
+                      <results>/jobs.sqlite3 in one transaction; measuring goes on until the server's next
+                      retention pass has deleted them all and the window has passed
+
+It reports p50/p99/max of dispatch and /health for both, and "while deleting": the requests that overlapped the
+pass's deletions (the first deletion seen to the last, polling the count of old rows every 50 ms over a SQLite
+connection of its own); that span is also the pass duration it reports. The pass starts a little before its first
+deletion can be seen (it first reads every finished job), so it also says when the slowest requests were sent,
+relative to the first deletion seen. The server is stopped with SIGTERM at the end, whatever happens.
 
 Usage:
-    .venv/bin/python tools/bench_overhead.py          # localhost:12411, 50 requests, 512 px, 4 steps
-    .venv/bin/python tools/bench_overhead.py --url http://127.0.0.1:12488 --requests 30 --kill-trials 2
+    .venv/bin/python tools/bench_overhead.py          # localhost:12411, 50 requests, 512 px, 4 steps, 3 kills
+    .venv/bin/python tools/bench_overhead.py --url http://127.0.0.1:12488 --requests 30 --kill-trials 5
     .venv/bin/python tools/bench_overhead.py --size 1024 --steps 28 --kill-trials 0      # overhead only
+    .venv/bin/python tools/bench_overhead.py --only-retention --retention-records 100000  # phase 3 alone, no --url
+    .venv/bin/python tools/bench_overhead.py --retention-records 100000   # all three phases
     .venv/bin/python tools/bench_overhead.py --json > bench.txt   # figures also as one JSON object at the end
 
+``--only-retention`` is short for ``--requests 0 --kill-trials 0``: no server needs to be running at --url.
+
 Exit status: 0 when the benchmark ran (targets missed or not), 1 when the server is unreachable or not ready, a
-request fails, or a killed worker does not come back.
+request fails, a killed worker does not come back, or phase 3's server does not start or its retention pass does
+not come within 3 x --retention-interval + 60 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import math
 import os
 import signal
 import socket
+import sqlite3
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
 import requests
 
+from _procs import api_process_of, listens_on
+
 OVERHEAD_TARGET_MS = 10.0  # service overhead, p50
 DISPATCH_TARGET_MS = 2.0  # queue_s, p50
 POLL_INTERVAL_S = 0.005  # /status polling during kill trials
 PROMPT = "a lighthouse on a cliff at dusk, benchmark request"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # phase 3 runs ``python -m genserve`` from here
+RETENTION_SIZE = 128  # phase 3 requests: dispatch is what it measures, not the model
+RETENTION_STEPS = 2
+RETENTION_AGE_S = 30 * 86400  # seeded jobs were submitted this long ago (the default max_age_hours is 168)
+RETENTION_POLL_S = 0.05  # row count polling during the retention pass
+SERVER_START_TIMEOUT_S = 600.0  # phase 3's server: until /ready (the first start builds the embedded model)
+SERVER_STOP_TIMEOUT_S = 60.0  # after SIGTERM, then SIGKILL to its process group
 
 
 class BenchError(Exception):
@@ -68,10 +113,12 @@ class BenchError(Exception):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Client-side benchmark of GenServe's service overhead and worker kill recovery."
+        description="Client-side benchmark of GenServe's service overhead, worker kill recovery and retention cost."
     )
     parser.add_argument("--url", default="http://localhost:12411", help="server base URL (default %(default)s)")
-    parser.add_argument("--requests", type=int, default=50, metavar="N", help="measured requests (default %(default)s)")
+    parser.add_argument(
+        "--requests", type=int, default=50, metavar="N", help="measured requests, 0 skips phase 1 (default %(default)s)"
+    )
     parser.add_argument("--size", type=int, default=512, help="image width and height (default %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="uncounted warm-up requests (default %(default)s)")
@@ -96,14 +143,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="per-request timeout (default %(default)s)",
     )
+    _add_retention_arguments(parser)
     parser.add_argument("--json", action="store_true", help="also print all figures as one JSON object at the end")
     args = parser.parse_args(argv)
-    if args.requests < 1:
-        parser.error("--requests must be at least 1")
-    if args.warmup < 0 or args.kill_trials < 0:
-        parser.error("--warmup and --kill-trials must not be negative")
+    if args.only_retention:
+        args.requests = args.kill_trials = 0
+    if min(args.requests, args.warmup, args.kill_trials, args.retention_records) < 0:
+        parser.error("--requests, --warmup, --kill-trials and --retention-records must not be negative")
+    if args.retention_window <= 0 or args.retention_interval <= 0:
+        parser.error("--retention-window and --retention-interval must be positive")
+    if not (args.requests or args.kill_trials or args.retention_records):
+        parser.error("nothing to do: --requests, --kill-trials and --retention-records are all 0")
     args.url = args.url.rstrip("/")
+    args.embedded_cache = Path(args.embedded_cache).expanduser()
     return args
+
+
+def _add_retention_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("phase 3: retention (starts its own server)")
+    group.add_argument(
+        "--retention-records",
+        type=int,
+        default=0,
+        metavar="R",
+        help="old job records to insert for the retention pass, 0 skips the phase (default %(default)s)",
+    )
+    group.add_argument(
+        "--only-retention",
+        action="store_true",
+        help="run phase 3 alone (same as --requests 0 --kill-trials 0): no server needed at --url",
+    )
+    group.add_argument(
+        "--retention-window",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="least seconds of each measurement, with and without retention (default %(default)s)",
+    )
+    group.add_argument(
+        "--retention-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="the server's results.cleanup_interval_s (default %(default)s)",
+    )
+    group.add_argument(
+        "--embedded-cache",
+        default="~/.cache/genserve/embedded",
+        metavar="DIR",
+        help="the server's model.embedded_cache_dir, so the embedded model is built once (default %(default)s)",
+    )
 
 
 # --- statistics and formatting -------------------------------------------------------------------------------
@@ -130,16 +219,32 @@ def summarize(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain aligned text: first column left-aligned, the others right-aligned."""
+def format_table(header: list[str], rows: list[list[str]], groups: list[tuple[str, int]] | None = None) -> str:
+    """Plain aligned text: first column left-aligned, the others right-aligned.
+
+    groups: optional labels centred above runs of columns after the first, as (label, number of columns)."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    groups = groups or []
+    column = 1
+    for label, count in groups:  # widen a group's columns evenly until its label fits above them
+        missing = len(label) - (sum(widths[column : column + count]) + 2 * (count - 1))
+        for i in range(max(0, missing)):
+            widths[column + i % count] += 1
+        column += count
 
     def line(cells: list[str]) -> str:
         parts = [cells[0].ljust(widths[0])] + [cell.rjust(widths[i]) for i, cell in enumerate(cells) if i]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+    lines = [line(header), rule, *(line(row) for row in rows)]
+    if groups:
+        labels, column = [" " * widths[0]], 1
+        for label, count in groups:
+            labels.append(label.center(sum(widths[column : column + count]) + 2 * (count - 1)))
+            column += count
+        lines.insert(0, "  ".join(labels).rstrip())
+    return "\n".join(lines)
 
 
 def ms(value: float) -> str:
@@ -323,7 +428,7 @@ def check_is_worker(pid: int, port: int) -> None:
     """Make sure pid is a worker of the server under test before sending SIGKILL to it."""
     try:
         proc = psutil.Process(pid)
-        parent = proc.parent()
+        parent = api_process_of(proc)
         own = " ".join(proc.cmdline())
         parent_cmd = " ".join(parent.cmdline()) if parent else ""
     except psutil.NoSuchProcess:
@@ -332,17 +437,8 @@ def check_is_worker(pid: int, port: int) -> None:
         raise BenchError(f"not allowed to inspect worker pid {pid}; run as the server's user") from None
     if parent is None or not ("multiprocessing" in own or "genserve" in own):
         raise BenchError(f"pid {pid} does not look like a GenServe worker ({own[:80]!r}); not killing it")
-    if _listens_on(parent, port) is False and "genserve" not in parent_cmd:
-        raise BenchError(f"pid {pid}'s parent {parent.pid} is not the server on port {port}; not killing it")
-
-
-def _listens_on(proc: psutil.Process, port: int) -> bool | None:
-    """Whether proc has a listening TCP socket on port; None when that cannot be seen."""
-    try:
-        connections = proc.net_connections(kind="tcp")
-    except (psutil.AccessDenied, psutil.NoSuchProcess, AttributeError):
-        return None
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+    if listens_on(parent, port) is False and "genserve" not in parent_cmd:
+        raise BenchError(f"pid {pid}'s server process {parent.pid} does not listen on port {port}; not killing it")
 
 
 def wait_all_ready(session: requests.Session, base: str, timeout: float) -> dict[str, Any]:
@@ -413,15 +509,19 @@ def run_kill_trials(session: requests.Session, args: argparse.Namespace) -> tupl
 
 
 def kill_figures(trials: list[KillTrial]) -> dict[str, dict[str, float]]:
-    def p50_max(values_s: list[float]) -> dict[str, float]:
-        return {"p50_ms": percentile(values_s, 50) * 1000, "max_ms": max(values_s) * 1000}
+    def p50_p95_max(values_s: list[float]) -> dict[str, float]:
+        return {
+            "p50_ms": percentile(values_s, 50) * 1000,
+            "p95_ms": percentile(values_s, 95) * 1000,
+            "max_ms": max(values_s) * 1000,
+        }
 
     rtts = [rtt for trial in trials for rtt in trial.poll_rtt_s]
     return {
-        "seen_dead": p50_max([t.seen_dead_s for t in trials]),
-        "respawned": p50_max([t.respawned_s for t in trials]),
-        "ready_again": p50_max([t.ready_s for t in trials]),
-        "status_poll_rtt": p50_max(rtts),
+        "seen_dead": p50_p95_max([t.seen_dead_s for t in trials]),
+        "respawned": p50_p95_max([t.respawned_s for t in trials]),
+        "ready_again": p50_p95_max([t.ready_s for t in trials]),
+        "status_poll_rtt": p50_p95_max(rtts),
     }
 
 
@@ -432,8 +532,9 @@ def print_kill(figures: dict[str, dict[str, float]], trials: list[KillTrial], be
         ("ready_again", "(b) ready again: kill -> ready, new pid"),
         ("status_poll_rtt", "    /status poll round trip"),
     ]
-    rows = [[label, ms(figures[key]["p50_ms"]), ms(figures[key]["max_ms"])] for key, label in labels]
-    print(format_table(["kill recovery (ms)", "p50", "max"], rows))
+    rows = [[label, *(ms(figures[key][stat]) for stat in ("p50_ms", "p95_ms", "max_ms"))] for key, label in labels]
+    print(format_table(["kill recovery (ms)", "p50", "p95", "max"], rows))
+    print(f"{len(trials)} trials: p95 is interpolated between the two slowest when there are fewer than 20.")
     polls = sum(t.polls for t in trials)
     print(
         f"note: (a) includes the polling granularity: up to one {POLL_INTERVAL_S * 1000:g} ms poll interval plus one "
@@ -443,6 +544,396 @@ def print_kill(figures: dict[str, dict[str, float]], trials: list[KillTrial], be
     expected = before + len(trials)
     mark = "ok" if after == expected else f"UNEXPECTED, expected {expected}"
     print(f"concurrent_manager.total_restarts: {before} -> {after} ({mark})")
+
+
+# --- phase 3: retention --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_server_config(folder: Path, port: int, args: argparse.Namespace) -> Path:
+    """The phase 3 server's config.yaml (written as JSON, which YAML reads): only what differs from the defaults."""
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "info", "shutdown_grace_s": 10},
+        "model": {"embedded_cache_dir": str(args.embedded_cache)},
+        "workers": {"cpu_workers": 1},
+        "defaults": {"width": RETENTION_SIZE, "height": RETENTION_SIZE, "num_inference_steps": RETENTION_STEPS},
+        "results": {"dir": str(folder / "results"), "cleanup_interval_s": args.retention_interval},
+    }
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+class OwnServer:
+    """``python -m genserve`` on a free port with a config in ``folder``; its output goes to folder/server.log."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = write_server_config(folder, self.port, args)
+        self.database = folder / "results" / "jobs.sqlite3"
+        self.log_path = folder / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}  # the config file decides
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "genserve", "--config", str(self.config_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C of the bench does not reach it: stop() does the stopping
+            )
+        self._wait_ready(self.process)
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"own server exited with status {process.returncode} before it was ready")
+            try:
+                if session.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"own server not ready within {SERVER_START_TIMEOUT_S:g} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the drain; SIGKILL if it does not exit in time. No worker may outlive it."""
+        if self.process is None:
+            return
+        try:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print("bench_overhead: own server ignored SIGTERM; killing it", file=sys.stderr)
+                self.process.kill()
+                self.process.wait()
+        for child in descendants:  # psutil checks the pid still names the same process before it signals
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@contextmanager
+def own_server(args: argparse.Namespace) -> Iterator[OwnServer]:
+    """A server of the bench's own in a temporary folder, stopped (and the folder removed) whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="genserve-bench-") as folder:
+        server = OwnServer(Path(folder), args)
+        try:
+            server.start()
+            yield server
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n--- own server log, last lines ---\n{server.log_tail()}") from None
+        finally:
+            server.stop()
+
+
+JOB_COLUMNS = (
+    "id, status, mode, model_id, priority, params, submitted_at, started_at, finished_at, worker_slot, device, "
+    "seed, width, height, image_bytes, error_type, error_message, cancel_reason"
+)
+OLD_PARAMS = json.dumps({"prompt": PROMPT, "width": RETENTION_SIZE, "height": RETENTION_SIZE, "seed": 42})
+
+
+def old_job(index: int, now: float) -> tuple[Any, ...]:
+    """A finished job submitted RETENTION_AGE_S ago (a little earlier per index), with no image file."""
+    submitted = now - RETENTION_AGE_S - index * 0.01
+    failed = index % 10 == 9
+    return (
+        uuid.uuid4().hex,
+        "failed" if failed else "completed",
+        "text2img",
+        "flux1-dev",
+        0,
+        OLD_PARAMS,
+        submitted,
+        submitted + 0.001,
+        submitted + 0.5,
+        0,
+        "cpu",
+        index,
+        RETENTION_SIZE,
+        RETENTION_SIZE,
+        None,  # image_bytes: no image stored
+        "generation_failed" if failed else None,
+        "seeded by bench_overhead" if failed else None,
+        None,
+    )
+
+
+def seed_old_jobs(database: Path, count: int) -> float:
+    """Insert count old finished jobs in one transaction; returns the seconds it took."""
+    rows = [old_job(i, time.time()) for i in range(count)]
+    placeholders = ", ".join("?" * len(rows[0]))
+    began = time.perf_counter()
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as conn, conn:  # commits at the end
+        conn.executemany(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({placeholders})", rows)
+    return time.perf_counter() - began
+
+
+def count_rows(conn: sqlite3.Connection, older_than: float | None = None) -> int:
+    if older_than is None:
+        return int(conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+    return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE submitted_at < ?", (older_than,)).fetchone()[0])
+
+
+@dataclass(slots=True)
+class Timed:
+    start: float  # perf_counter when the request was sent
+    end: float  # perf_counter when its answer was in
+    value_s: float  # what was measured: the round trip, or the server's queue_s
+
+
+class HealthProbe(threading.Thread):
+    """GET /health back to back on a keep-alive session of its own, until stopped."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(name="health-probe", daemon=True)
+        self.url = f"{base}/health"
+        self.samples: list[Timed] = []
+        self.errors = 0  # failed requests and non-200 answers
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        session = requests.Session()
+        while not self._halt.is_set():
+            began = time.perf_counter()
+            try:
+                ok = session.get(self.url, timeout=10).status_code == 200
+            except requests.RequestException:
+                ok = False
+            ended = time.perf_counter()
+            if ok:
+                self.samples.append(Timed(began, ended, ended - began))
+            else:
+                self.errors += 1
+                self._halt.wait(0.01)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+class PassWatch(threading.Thread):
+    """Polls the number of old rows over a SQLite connection of its own: when the pass starts and ends."""
+
+    def __init__(self, database: Path, older_than: float, seeded_total: int, floor: int) -> None:
+        super().__init__(name="retention-watch", daemon=True)
+        self.database = database
+        self.older_than = older_than
+        self.seeded_total = seeded_total  # old rows right after seeding
+        self.floor = floor  # old rows before seeding: the pass is over when the count is back there
+        self.remaining = seeded_total
+        self.first_drop: float | None = None  # perf_counter of the first poll that saw fewer old rows
+        self.done: float | None = None  # perf_counter of the first poll that saw them back at the floor
+        self.error: sqlite3.Error | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with contextlib.closing(sqlite3.connect(self.database, timeout=30)) as conn:
+                while not self._halt.is_set() and self.done is None:
+                    self._poll(conn)
+                    self._halt.wait(RETENTION_POLL_S)
+        except sqlite3.Error as exc:
+            self.error = exc
+
+    def _poll(self, conn: sqlite3.Connection) -> None:
+        self.remaining = count_rows(conn, self.older_than)
+        now = time.perf_counter()
+        if self.first_drop is None and self.remaining < self.seeded_total:
+            self.first_drop = now
+        if self.remaining <= self.floor:
+            self.done = now
+
+    def check(self, deadline: float) -> None:
+        """Raise BenchError when polling failed, or the pass is not over by deadline (a perf_counter time)."""
+        if self.error is not None:
+            raise BenchError(f"polling {self.database} failed: {self.error}")
+        if self.done is None and time.perf_counter() > deadline:
+            raise BenchError(
+                f"the retention pass has not deleted the seeded rows in time (3 x cleanup interval + 60 s): "
+                f"{self.remaining - self.floor} of {self.seeded_total - self.floor} left"
+            )
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+@dataclass
+class Window:
+    dispatch: list[Timed]  # value_s = timings.queue_s
+    health: list[Timed]  # value_s = round trip
+    health_errors: int
+    seconds: float
+
+
+def measure(base: str, args: argparse.Namespace, watch: PassWatch | None = None) -> Window:
+    """Sequential POST /generate plus the /health probe, for at least the window and, with a watch, until the
+    retention pass is over (BenchError if it is not over within 3 x cleanup interval + 60 s)."""
+    session = requests.Session()
+    probe = HealthProbe(base)
+    began = time.perf_counter()
+    deadline = began + 3 * args.retention_interval + 60
+    dispatch: list[Timed] = []
+    probe.start()
+    try:
+        while True:
+            sent = time.perf_counter()
+            sample = generate(session, base, RETENTION_SIZE, RETENTION_STEPS, args.request_timeout)
+            dispatch.append(Timed(sent, time.perf_counter(), sample.queue_s))
+            window_over = time.perf_counter() - began >= args.retention_window
+            if window_over and (watch is None or watch.done is not None):
+                break
+            if watch is not None:
+                watch.check(deadline)
+    finally:
+        probe.stop()
+    return Window(dispatch, probe.samples, probe.errors, time.perf_counter() - began)
+
+
+def tail_stats(values_s: list[float]) -> dict[str, float]:
+    """p50/p99/max in milliseconds, and the number of samples."""
+    values_ms = [v * 1000.0 for v in values_s]
+    return {
+        "p50_ms": percentile(values_ms, 50),
+        "p99_ms": percentile(values_ms, 99),
+        "max_ms": max(values_ms) if values_ms else math.nan,
+        "n": len(values_ms),
+    }
+
+
+def window_figures(window: Window, span: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The window's figures; with span (perf_counter from, to), only requests that overlapped it."""
+
+    def values(samples: list[Timed]) -> list[float]:
+        if span is None:
+            return [s.value_s for s in samples]
+        return [s.value_s for s in samples if s.start <= span[1] and s.end >= span[0]]
+
+    return {
+        "dispatch": tail_stats(values(window.dispatch)),
+        "health": tail_stats(values(window.health)),
+        "health_errors": window.health_errors,
+        "seconds": window.seconds if span is None else span[1] - span[0],
+    }
+
+
+def slowest_at(samples: list[Timed], origin: float) -> float:
+    """When the slowest sample was sent, in seconds relative to origin (a perf_counter time); NaN if none."""
+    return max(samples, key=lambda s: s.value_s).start - origin if samples else math.nan
+
+
+def run_retention(args: argparse.Namespace) -> dict[str, Any]:
+    print(f"phase 3: retention of {args.retention_records} records, on a server of its own", file=sys.stderr)
+    with own_server(args) as server:
+        session = requests.Session()
+        status = fetch_status(session, server.url)
+        for _ in range(max(1, args.warmup)):
+            generate(session, server.url, RETENTION_SIZE, RETENTION_STEPS, args.request_timeout)
+        print(f"  measuring {args.retention_window:g} s without retention", file=sys.stderr)
+        baseline = measure(server.url, args)
+        older_than = time.time() - RETENTION_AGE_S / 2
+        with contextlib.closing(sqlite3.connect(server.database, timeout=30)) as conn:
+            rows_before, old_before = count_rows(conn), count_rows(conn, older_than)
+        seed_s = seed_old_jobs(server.database, args.retention_records)
+        seeded_at = time.perf_counter()
+        print(f"  seeded {args.retention_records} old records in {seed_s:.2f} s; measuring", file=sys.stderr)
+        watch = PassWatch(server.database, older_than, old_before + args.retention_records, old_before)
+        watch.start()
+        try:
+            during = measure(server.url, args, watch)
+        finally:
+            watch.stop()
+        with contextlib.closing(sqlite3.connect(server.database, timeout=30)) as conn:
+            rows_after = count_rows(conn)
+    assert watch.first_drop is not None and watch.done is not None  # measure() returns only once the pass is over
+    report = {
+        "records": args.retention_records,
+        "window_s": args.retention_window,
+        "cleanup_interval_s": args.retention_interval,
+        "request": {"size": RETENTION_SIZE, "steps": RETENTION_STEPS},
+        "devices": [w["device"] for w in status.get("workers", [])],
+        "rows_before_seeding": rows_before,
+        "rows_after": rows_after,
+        "seed_s": seed_s,
+        "pass": {
+            "wait_s": watch.first_drop - seeded_at,  # seeding committed -> first deletion seen
+            "duration_s": watch.done - watch.first_drop,  # first deletion seen -> all seeded rows gone
+            "poll_interval_s": RETENTION_POLL_S,
+            # when the slowest requests of the "during" window were sent, relative to the first deletion seen
+            "slowest_dispatch_at_s": slowest_at(during.dispatch, watch.first_drop),
+            "slowest_health_at_s": slowest_at(during.health, watch.first_drop),
+        },
+        "no_retention": window_figures(baseline),
+        "during_retention": window_figures(during),
+        "while_deleting": window_figures(during, (watch.first_drop, watch.done)),
+    }
+    print_retention(report)
+    return report
+
+
+def print_retention(report: dict[str, Any]) -> None:
+    n, passed = report["records"], report["pass"]
+    print(
+        f"retention: own server, {len(report['devices'])} worker(s) [{', '.join(report['devices'])}], "
+        f"cleanup every {report['cleanup_interval_s']:g} s, requests {RETENTION_SIZE} px / {RETENTION_STEPS} steps"
+    )
+    print(f"  seeded {n} old job records in {report['seed_s']:.2f} s (the store held {report['rows_before_seeding']})")
+    print(
+        f"  retention pass: {passed['duration_s']:.2f} s from the first deletion seen to the last "
+        f"(first seen {passed['wait_s']:.1f} s after seeding; polled every {RETENTION_POLL_S * 1000:g} ms); "
+        f"{report['rows_after']} rows left"
+    )
+    print()
+    columns = ("no_retention", "during_retention", "while_deleting")
+    stats = ("p50_ms", "p99_ms", "max_ms")
+    rows = []
+    for key, label in (("dispatch", "dispatch (queue_s)"), ("health", "/health")):
+        row = [label]
+        for column in columns:
+            figures = report[column][key]
+            row += [*(ms(figures[stat]) for stat in stats), str(figures["n"])]
+        rows.append(row)
+    groups = [("no retention", 4), (f"during retention ({n} rows)", 4), ("while deleting", 4)]
+    print(format_table(["latency (ms)", *(["p50", "p99", "max", "n"] * len(columns))], rows, groups))
+    errors = [report[column]["health_errors"] for column in columns[:2]]
+    rates = [report[c]["health"]["n"] / report[c]["seconds"] for c in columns if report[c]["seconds"] > 0]
+    print(
+        f"/health requests/s (no retention / during / while deleting): {' / '.join(f'{r:.0f}' for r in rates)}; "
+        f"failed /health requests: {errors[0]} / {errors[1]}"
+    )
+    print(
+        f"slowest during retention: dispatch sent at {passed['slowest_dispatch_at_s']:+.2f} s, /health at "
+        f"{passed['slowest_health_at_s']:+.2f} s from the first deletion seen (the pass begins a little earlier, "
+        "with its SELECT)"
+    )
+    print(
+        f"windows: {report['no_retention']['seconds']:.1f} s / {report['during_retention']['seconds']:.1f} s; "
+        "p99 of fewer than 100 samples lies between the two slowest"
+    )
 
 
 # --- main ----------------------------------------------------------------------------------------------------
@@ -466,20 +957,40 @@ def print_header(args: argparse.Namespace, status: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    if args.requests or args.kill_trials:
+        report.update(run_against_url(args))
+    if args.retention_records:
+        if report:
+            print()
+        report["retention"] = run_retention(args)
+    return report
+
+
+def run_against_url(args: argparse.Namespace) -> dict[str, Any]:
+    """Phases 1 and 2, against the server at --url."""
     session = requests.Session()
     status = fetch_status(session, args.url)
     check_ready(session, args.url)
     if args.kill_trials:
         require_local_server(args.url)
     print_header(args, status)
+    report: dict[str, Any] = {"url": args.url, "devices": [w["device"] for w in status.get("workers", [])]}
+    if args.requests:
+        report.update(run_phase_overhead(session, args))
+    if args.kill_trials:
+        if args.requests:
+            print()
+        report["kill_recovery"] = run_phase_kill(session, args)
+    return report
 
+
+def run_phase_overhead(session: requests.Session, args: argparse.Namespace) -> dict[str, Any]:
     print(f"phase 1: {args.warmup} warm-up + {args.requests} measured requests", file=sys.stderr)
     samples = run_overhead(session, args)
     figures = overhead_figures(samples)
     print_overhead(figures, samples)
-    report: dict[str, Any] = {
-        "url": args.url,
-        "devices": [w["device"] for w in status.get("workers", [])],
+    return {
         "size": args.size,
         "steps": args.steps,
         "requests": args.requests,
@@ -492,19 +1003,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dispatch_pass": figures["dispatch"]["p50_ms"] <= DISPATCH_TARGET_MS,
         },
     }
-    if args.kill_trials:
-        print()
-        print(f"phase 2: {args.kill_trials} worker kill trials", file=sys.stderr)
-        trials, before, after = run_kill_trials(session, args)
-        kills = kill_figures(trials)
-        print_kill(kills, trials, before, after)
-        report["kill_recovery"] = {
-            **kills,
-            "trials": [{k: v for k, v in asdict(t).items() if k != "poll_rtt_s"} for t in trials],
-            "total_restarts_before": before,
-            "total_restarts_after": after,
-        }
-    return report
+
+
+def run_phase_kill(session: requests.Session, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"phase 2: {args.kill_trials} worker kill trials", file=sys.stderr)
+    trials, before, after = run_kill_trials(session, args)
+    kills = kill_figures(trials)
+    print_kill(kills, trials, before, after)
+    return {
+        **kills,
+        "trials": [{k: v for k, v in asdict(t).items() if k != "poll_rtt_s"} for t in trials],
+        "total_restarts_before": before,
+        "total_restarts_after": after,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,8 @@ A job running on a worker that is killed is re-queued once; if it is running on 
 with ``worker_died``. That is an accounted failure, not a loss: with frequent kills expect some.
 
 At the end the tool waits (up to ``--recovery-timeout``) until the pool is back to full strength: every worker
-ready, ``alive_processes`` equal to the number of workers and no slot that gave up. It prints summary tables and,
+ready and ``alive_processes`` equal to the number of workers (a slot that spent its restart budget retries more
+slowly, so the wait may be longer). It prints summary tables and,
 as its last line:
 
     jobs sent N, completed C, failed F (reason: count, ...), canceled X, refused R, lost L, restarts K,
@@ -82,6 +83,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from _cli import ToolError, add_connection_arguments, console, fail, make_session, request_json
+from _procs import api_process_of, listens_on
 
 MODES = ("text2img", "img2img", "fill", "controlnet")
 ROUTES = ("generate-json", "generate-form", "jobs-json", "jobs-form")
@@ -542,11 +544,14 @@ class KillGuard:
         if not self.server.is_running() or listens_on(self.server, self.port) is False:
             raise ToolError(f"the server process {self.server.pid} no longer listens on port {self.port}")
         try:
-            parent = psutil.Process(pid).ppid()
+            api_process = api_process_of(psutil.Process(pid))
         except psutil.NoSuchProcess:
             raise ToolError(f"pid {pid} does not exist (already gone, or not on this machine)") from None
-        if parent != self.server.pid:
-            raise ToolError(f"pid {pid} is not a child of the server process {self.server.pid} (its parent: {parent})")
+        if api_process is None or api_process.pid != self.server.pid:
+            owner = api_process.pid if api_process else None
+            raise ToolError(
+                f"pid {pid} is not a worker of the server process {self.server.pid} (it belongs to {owner})"
+            )
 
 
 def is_local_host(host: str) -> bool:
@@ -580,14 +585,6 @@ def listening_process(port: int) -> psutil.Process:
     return psutil.Process(pid)
 
 
-def listens_on(process: psutil.Process, port: int) -> bool | None:
-    try:
-        connections = process.net_connections(kind="tcp")
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        return None
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
-
-
 @dataclass
 class Kill:
     number: int
@@ -597,7 +594,7 @@ class Kill:
     pid: int
     state: str  # ready | busy, as /status said just before
     job: str | None
-    outcome: str = "recovering"  # recovering | recovered | gave up | not sent
+    outcome: str = "recovering"  # recovering | recovered | not sent
     new_pid: int | None = None
     recovery_s: float | None = None
     note: str = ""
@@ -665,9 +662,10 @@ class Killer(threading.Thread):
             if pid and pid != kill.pid and worker.get("state") in ("ready", "busy"):
                 kill.outcome, kill.new_pid, kill.recovery_s = "recovered", int(pid), now - kill.killed_at
                 say(f"  slot {kill.slot} ready again as pid {pid}, {kill.recovery_s:.2f} s after kill {kill.number}")
-            elif worker.get("gave_up"):
-                kill.outcome, kill.note = "gave up", str(worker.get("last_error") or "restart budget spent")
-                say(f"  slot {kill.slot} gave up: {kill.note}")
+            elif worker.get("budget_spent") and not kill.note:
+                # Not final: the slot retries every restart_backoff_max_s, so the recovery just takes longer.
+                kill.note = f"restart budget spent ({worker.get('last_error')}); the slot retries more slowly"
+                say(f"  slot {kill.slot}: {kill.note}")
 
     def _kill_one(self, workers: list[dict[str, Any]], now: float) -> None:
         with self.lock:
@@ -677,7 +675,7 @@ class Killer(threading.Thread):
             for w in workers
             if w.get("state") in ("ready", "busy")
             and w.get("pid")
-            and not w.get("gave_up")
+            and not w.get("budget_spent")
             and w["slot"] not in recovering
         ]
         if not candidates:
@@ -715,15 +713,16 @@ class Killer(threading.Thread):
 
 
 def pool_problem(status: dict[str, Any]) -> str | None:
-    """None at full strength (every worker ready, all alive, none gave up); else what is missing."""
+    """None at full strength (every worker ready, all alive); else what is missing."""
     workers = [w for w in status.get("workers") or [] if isinstance(w, dict)]
     if not workers:
         return "/status lists no workers"
-    gave_up = [w for w in workers if w.get("gave_up")]
-    if gave_up:
-        return "; ".join(f"slot {w.get('slot')} gave up ({w.get('last_error')})" for w in gave_up)
     alive = (status.get("concurrent_manager") or {}).get("alive_processes")
-    not_ready = [f"slot {w.get('slot')} {w.get('state')}" for w in workers if w.get("state") != "ready"]
+    not_ready = [
+        f"slot {w.get('slot')} {w.get('state')}" + (" (restart budget spent)" if w.get("budget_spent") else "")
+        for w in workers
+        if w.get("state") != "ready"
+    ]
     if not_ready:
         return ", ".join(not_ready)
     if alive != len(workers):
@@ -737,14 +736,14 @@ def wait_full_strength(session: requests.Session, base: str, timeout: float) -> 
     while True:
         _, status = request_json(session, "GET", f"{base}/status", timeout=LOOKUP_TIMEOUT_S)
         problem = pool_problem(status)
-        if problem is None or "gave up" in problem or time.monotonic() >= deadline:
+        if problem is None or time.monotonic() >= deadline:
             return status, problem
         time.sleep(0.1)
 
 
 def wait_recovered(killer: Killer, timeout: float) -> tuple[dict[str, Any] | None, str | None]:
-    """After the load: until full strength with every kill recovered, a slot gave up, /status has not answered
-    for 30 s, or the timeout."""
+    """After the load: until full strength with every kill recovered, /status has not answered for 30 s, or the
+    timeout."""
     deadline = time.monotonic() + timeout
     while True:
         status, at, recovering = killer.snapshot()
@@ -755,7 +754,7 @@ def wait_recovered(killer: Killer, timeout: float) -> tuple[dict[str, Any] | Non
         elif problem is None and recovering:
             problem = ", ".join(f"slot {k.slot} not back since kill {k.number}" for k in recovering)
         silent_for = time.monotonic() - at
-        if problem is None or "gave up" in problem or silent_for > 30 or time.monotonic() >= deadline:
+        if problem is None or silent_for > 30 or time.monotonic() >= deadline:
             return status, problem
         time.sleep(STATUS_INTERVAL_S)
 

@@ -53,6 +53,7 @@ from rich.table import Table
 from rich.text import Text
 
 from _cli import ToolError, add_connection_arguments, console, error_console, fail, make_session, request_json
+from _procs import api_process_of, listens_on
 
 Sample = dict[str, Any]
 
@@ -339,17 +340,6 @@ def is_local_host(host: str) -> bool:
     return False
 
 
-def listens_on(proc: psutil.Process, port: int) -> bool | None:
-    """Whether proc has a listening TCP socket on port; None when that cannot be seen (another user's process)."""
-    try:
-        connections = proc.net_connections(kind="tcp")
-    except (psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-    except psutil.NoSuchProcess:
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
-
-
 Tracked = tuple[str, int | None, psutil.Process]  # role ("api" or "worker"), worker slot, process
 
 
@@ -399,15 +389,16 @@ class ProcessFinder:
         return found, missing
 
     def _api(self, workers: list[psutil.Process]) -> tuple[psutil.Process | None, str | None, bool]:
-        """(the workers' common parent, a note, whether the pids turned out not to be this server's).
+        """(the workers' API process, a note, whether the pids turned out not to be this server's).
 
         The parent counts as the API process when it listens on the URL's port. When it visibly does not, the pids
         in /status belong to some other process tree here (a server in a container, say) and none is measured.
         """
         parents: set[int] = set()
         for proc in workers:
-            with contextlib.suppress(psutil.Error):
-                parents.add(proc.ppid())
+            api_process = api_process_of(proc)
+            if api_process is not None:
+                parents.add(api_process.pid)
         if not parents:  # every worker is dead: keep the API process found before, if it still runs
             previous = next((p for role, _, p in self._tracked if role == "api" and p.is_running()), None)
             return previous, None if previous else "no live worker, so the API process was not found", False

@@ -1,12 +1,19 @@
 """The worker process: loads every enabled pipeline once, then runs one job at a time until told to stop.
 
-Started by the supervisor with the ``spawn`` method, one per device. Threads inside it:
+Started by the supervisor, one per device, forked from a forkserver that has the heavy modules imported already
+(or spawned fresh with ``workers.start_method: spawn``). Its lifetime belongs to the supervisor: it ignores SIGINT
+and SIGTERM (a Ctrl-C or a container-wide SIGTERM reaches every process of the group, and the API process must
+drain first) and leaves on Shutdown, when the API process dies, or by SIGKILL. Threads inside it:
 - main thread: loads pipelines, then runs jobs from the inbox (one at a time);
 - ``reader``: receives JobRequest / CancelJob / Shutdown from the pipe. EOF on the pipe means the API process
   died, and the worker exits at once so no orphan holds GPU memory;
 - ``heartbeat``: sends Heartbeat every interval, busy or idle, and exits the process if the parent changed.
 
 All sends share one lock: the main thread (results, progress) and the heartbeat thread write to the same pipe.
+Every message is small (texts are capped), so each is one write the supervisor can read whole.
+
+A fatal device error (the CUDA context is poisoned) fails the job, then the process exits with EXIT_DEVICE_FATAL
+so the slot restarts with a fresh context.
 """
 
 from __future__ import annotations
@@ -14,15 +21,19 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import resource
+import signal
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from genserve.messages import (
     EXIT_AFTER_OOM,
+    EXIT_DEVICE_FATAL,
     CancelJob,
+    FailureKind,
     Heartbeat,
     JobFailure,
     JobProgress,
@@ -30,6 +41,7 @@ from genserve.messages import (
     JobResult,
     JobStarted,
     Shutdown,
+    WorkerInbound,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -39,6 +51,8 @@ if TYPE_CHECKING:
     from workers.pipelines import PipelineSet
 
 log = logging.getLogger(__name__)
+
+MAX_TEXT = 4000  # characters of an error message sent to the supervisor: keeps every message one small write
 
 
 class JobCanceledError(Exception):
@@ -116,22 +130,49 @@ def _read_pipe(conn: Connection, inbox: queue.Queue[JobRequest | Shutdown], boar
         except (EOFError, OSError):
             _exit_because_parent_died()
             return
-        if isinstance(message, JobRequest):
+        _on_message(message, inbox, board)
+
+
+def _on_message(message: WorkerInbound, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard) -> None:
+    match message:
+        case JobRequest():
             inbox.put(message)
-        elif isinstance(message, CancelJob):
+        case CancelJob():
             board.cancel(message.job_id)
-        elif isinstance(message, Shutdown):
+        case Shutdown():
             log.info("shutdown requested: %s", message.reason)
             board.cancel_current()
             inbox.put(message)
-        else:
-            log.warning("ignoring unknown message %r", type(message).__name__)
+        case _:
+            assert_never(message)
 
 
-def _beat(outbox: _Outbox, spec: WorkerSpec, parent_pid: int) -> None:
+def _exit_while_loading(signum: int, frame: object) -> None:
+    log.info("signal %d while loading; exiting", signum)
+    os._exit(0)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _api_process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, as another user: a reused pid, but not ours to judge
+        return True
+    return True
+
+
+def _beat(outbox: _Outbox, spec: WorkerSpec) -> None:
     while True:
         time.sleep(spec.heartbeat_interval_s)
-        if os.getppid() != parent_pid:  # re-parented: the API process died (belt to the pipe's braces)
+        # Belt to the pipe's braces. Not getppid(): a forked worker's parent is the forkserver, not the API process.
+        if not _api_process_alive(spec.api_pid):
             _exit_because_parent_died()
         outbox.send(Heartbeat(slot=spec.slot, sent_at=time.time()))
 
@@ -139,6 +180,10 @@ def _beat(outbox: _Outbox, spec: WorkerSpec, parent_pid: int) -> None:
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a worker process (the spawn target)."""
     started = time.monotonic()
+    # The supervisor decides when a serving worker ends (see the module docstring); one still loading has nothing
+    # to lose and leaves at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_while_loading)
     # Never reach for a model hub: weights are local folders or the embedded model built on this machine.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -148,7 +193,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     inbox: queue.Queue[JobRequest | Shutdown] = queue.Queue()
     board = _CancelBoard()
     threading.Thread(target=_read_pipe, args=(conn, inbox, board), name="reader", daemon=True).start()
-    threading.Thread(target=_beat, args=(outbox, spec, os.getppid()), name="heartbeat", daemon=True).start()
+    threading.Thread(target=_beat, args=(outbox, spec), name="heartbeat", daemon=True).start()
 
     try:
         from workers.pipelines import PipelineSet
@@ -156,9 +201,10 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         pipelines = PipelineSet.load(spec)
     except BaseException as exc:  # report why, then die: the supervisor decides about respawning
         log.exception("loading pipelines failed")
-        outbox.send(WorkerStartupFailed(slot=spec.slot, error_type=type(exc).__name__, message=str(exc)))
+        outbox.send(WorkerStartupFailed(slot=spec.slot, error_type=type(exc).__name__, message=str(exc)[:MAX_TEXT]))
         sys.exit(1)
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     outbox.send(
         WorkerReady(
             slot=spec.slot,
@@ -167,6 +213,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             modes=pipelines.modes,
             embedded_model=pipelines.embedded,
             load_time_s=time.monotonic() - started,
+            peak_rss_mb=_peak_rss_mb(),
+            device_memory_mb=pipelines.device_memory_mb(),
         )
     )
     ooms_in_a_row = 0
@@ -175,7 +223,12 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         if isinstance(message, Shutdown):
             break
         outcome = _run_job(message, pipelines, outbox, board)
-        if outcome != "out_of_memory":
+        if outcome is FailureKind.DEVICE_FATAL:
+            # The context is poisoned: every later kernel fails too. Only a fresh process gets a working GPU back;
+            # os._exit because interpreter teardown could touch CUDA again and hang.
+            log.error("fatal device error; exiting so the worker restarts with a fresh device context")
+            os._exit(EXIT_DEVICE_FATAL)
+        if outcome is not FailureKind.OUT_OF_MEMORY:
             ooms_in_a_row = 0
             continue
         ooms_in_a_row += 1
@@ -188,8 +241,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     log.info("worker %d exits", spec.slot)
 
 
-def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> str:
-    """Run one job and report it; returns "completed", "canceled" or the failure's error type."""
+def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> FailureKind | None:
+    """Run one job and report it; returns None when it completed, else what kind of failure it was."""
     started_at = time.time()
     board.begin(job.job_id)
     outbox.send(JobStarted(job_id=job.job_id, started_at=started_at))
@@ -218,15 +271,18 @@ def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _C
                 encode_s=output.encode_s,
             )
         )
-        return "completed"
+        return None
     except JobCanceledError as exc:
         log.info("job %s %s", job.job_id, exc)
-        outbox.send(JobFailure(job_id=job.job_id, error_type="canceled", message=str(exc)))
-        return "canceled"
+        outbox.send(JobFailure(job_id=job.job_id, kind=FailureKind.CANCELED, error_type="canceled", message=str(exc)))
+        return FailureKind.CANCELED
     except Exception as exc:
-        error_type = pipelines.classify_error(exc)
-        log.exception("job %s failed (%s)", job.job_id, error_type)
-        outbox.send(JobFailure(job_id=job.job_id, error_type=error_type, message=str(exc) or type(exc).__name__))
-        return error_type
+        from workers.pipelines import classify_error
+
+        kind = classify_error(exc)
+        log.exception("job %s failed (%s)", job.job_id, kind.value)
+        message = (str(exc) or type(exc).__name__)[:MAX_TEXT]
+        outbox.send(JobFailure(job_id=job.job_id, kind=kind, error_type=type(exc).__name__, message=message))
+        return kind
     finally:
         board.end()

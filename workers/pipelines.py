@@ -2,10 +2,10 @@
 
 All pipelines are loaded once and kept ("pinned") for the worker's life, sharing weights:
 - text2img: ``FluxPipeline.from_pretrained(model path)``;
-- img2img: ``FluxImg2ImgPipeline.from_pipe(base)`` (same modules, no extra memory);
+- img2img: ``FluxImg2ImgPipeline`` over the base's own modules (no extra memory);
 - fill: ``FluxFillPipeline`` with the FLUX.1-Fill transformer, sharing the base's text encoders and VAE;
-- controlnet: ``FluxControlNetPipeline.from_pipe(base, controlnet=…)``, plus the ControlNet img2img variant used
-  when a job also carries an input image.
+- controlnet: ``FluxControlNetPipeline`` over the base's modules plus the ControlNet, and the ControlNet img2img
+  variant used when a job also carries an input image.
 The embedded random-weight model goes through exactly the same ``from_pretrained`` code as real FLUX.1-dev.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from genserve.images import encode_png, raw_to_pil
-from genserve.messages import JobRequest, Mode, WorkerSpec
+from genserve.images import encode_png, image_file_to_pil
+from genserve.messages import FailureKind, JobRequest, Mode, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _transformer_folder(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def _quiet_library_noise() -> None:
+def quiet_library_noise() -> None:
     """Silence messages that say nothing to an operator (must run before diffusers is imported)."""
     # transformers: "CLIPImageProcessor requires torchvision" — Flux never uses an image processor.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
@@ -76,6 +76,47 @@ def _quiet_library_noise() -> None:
         pass
 
 
+# Messages of CUDA errors after which the context is unusable: every later kernel launch fails too.
+_FATAL_DEVICE_MESSAGES = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "cuda error: uncorrectable ecc error",
+    "cudaerrorlaunchfailure",
+)
+
+
+def classify_error(exc: BaseException) -> FailureKind:
+    """What a job's exception means for the worker: out of memory (serve on), a poisoned device (exit), or neither."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return FailureKind.OUT_OF_MEMORY
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises it for CUDA errors
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return FailureKind.DEVICE_FATAL
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _FATAL_DEVICE_MESSAGES):
+        return FailureKind.DEVICE_FATAL
+    return FailureKind.ERROR
+
+
+# What every Flux pipeline of a worker shares with the base: only the transformer (and a ControlNet) differ.
+_SHARED_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _pipeline_placement(device: str) -> dict[str, Any]:
+    """from_pretrained arguments that put a pipeline's weights straight on a CUDA device (no full host copy).
+
+    diffusers accepts a device type for a pipeline's device_map; torch.cuda.set_device has made ours current."""
+    return {"device_map": "cuda"} if device.startswith("cuda") else {}
+
+
+def _model_placement(device: str) -> dict[str, Any]:
+    """The same for a single model, which takes the exact device."""
+    return {"device_map": device} if device.startswith("cuda") else {}
+
+
 class PipelineSet:
     """Every enabled pipeline of one worker, on one device."""
 
@@ -87,7 +128,7 @@ class PipelineSet:
 
     @classmethod
     def load(cls, spec: WorkerSpec) -> PipelineSet:
-        _quiet_library_noise()
+        quiet_library_noise()
         from diffusers import (
             FluxControlNetImg2ImgPipeline,
             FluxControlNetModel,
@@ -121,31 +162,28 @@ class PipelineSet:
             )
 
         log.info("loading FLUX base pipeline from %s (%s, %s)", model_path, device, dtype)
-        base = FluxPipeline.from_pretrained(model_path, dtype=dtype).to(device)
+        # Placed on the device as it loads (device_map on CUDA; CPU is where weights load anyway), so no .to():
+        # that would walk every module again for nothing.
+        base = FluxPipeline.from_pretrained(model_path, dtype=dtype, **_pipeline_placement(device))
         pipes: dict[str, Any] = {"text2img": base}
-        # from_pipe casts the shared modules to its own dtype argument (float32 by default): always pass ours,
-        # or a bf16 base silently becomes fp32 and doubles its memory.
+        # The other pipelines are built from the base's very modules (no copy, no cast): cheaper than from_pipe,
+        # which walks and casts every shared module again for each pipeline it makes.
+        shared = {name: getattr(base, name) for name in _SHARED_COMPONENTS}
         if "img2img" in spec.modes:
-            pipes["img2img"] = FluxImg2ImgPipeline.from_pipe(base, dtype=dtype)
+            pipes["img2img"] = FluxImg2ImgPipeline(**shared, transformer=base.transformer)
         if "fill" in spec.modes:
             folder, subfolder = _transformer_folder(Path(fill_path))
             log.info("loading Fill transformer from %s", folder / (subfolder or ""))
-            fill_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
-            pipes["fill"] = FluxFillPipeline(
-                scheduler=base.scheduler,
-                vae=base.vae,
-                text_encoder=base.text_encoder,
-                tokenizer=base.tokenizer,
-                text_encoder_2=base.text_encoder_2,
-                tokenizer_2=base.tokenizer_2,
-                transformer=fill_transformer.to(device),
+            fill_transformer = FluxTransformer2DModel.from_pretrained(
+                folder, subfolder=subfolder, dtype=dtype, **_model_placement(device)
             )
+            pipes["fill"] = FluxFillPipeline(**shared, transformer=fill_transformer)
         if "controlnet" in spec.modes:
             log.info("loading ControlNet from %s", controlnet_path)
-            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, dtype=dtype).to(device)
-            pipes["controlnet"] = FluxControlNetPipeline.from_pipe(base, controlnet=controlnet, dtype=dtype)
-            pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline.from_pipe(
-                base, controlnet=controlnet, dtype=dtype
+            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, dtype=dtype, **_model_placement(device))
+            pipes["controlnet"] = FluxControlNetPipeline(**shared, transformer=base.transformer, controlnet=controlnet)
+            pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline(
+                **shared, transformer=base.transformer, controlnet=controlnet
             )
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
@@ -194,26 +232,30 @@ class PipelineSet:
             return "text2img", {}
         if job.mode == "img2img":
             assert job.input_image is not None
-            return "img2img", {"image": raw_to_pil(job.input_image), "strength": job.strength}
+            return "img2img", {"image": image_file_to_pil(job.input_image), "strength": job.strength}
         if job.mode == "fill":
             assert job.input_image is not None and job.mask_image is not None
-            return "fill", {"image": raw_to_pil(job.input_image), "mask_image": raw_to_pil(job.mask_image)}
+            return "fill", {
+                "image": image_file_to_pil(job.input_image),
+                "mask_image": image_file_to_pil(job.mask_image),
+            }
         assert job.control_image is not None
         kwargs: dict[str, Any] = {
-            "control_image": raw_to_pil(job.control_image),
+            "control_image": image_file_to_pil(job.control_image),
             "controlnet_conditioning_scale": job.controlnet_conditioning_scale,
         }
         union = getattr(self._pipes["controlnet"].controlnet.config, "num_mode", None)
         kwargs["control_mode"] = job.control_mode if union else None
         if job.input_image is not None:
-            kwargs.update(image=raw_to_pil(job.input_image), strength=job.strength)
+            kwargs.update(image=image_file_to_pil(job.input_image), strength=job.strength)
             return "controlnet_img2img", kwargs
         return "controlnet", kwargs
 
-    def classify_error(self, exc: BaseException) -> str:
-        if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-            return "out_of_memory"
-        return type(exc).__name__
+    def device_memory_mb(self) -> float:
+        """Device memory held by tensors once loaded (0 on a CPU device)."""
+        if not self.device.startswith("cuda"):
+            return 0.0
+        return torch.cuda.memory_allocated(torch.device(self.device)) / 2**20
 
     def free_memory(self) -> None:
         """After an out-of-memory failure: drop what the failed job left behind, give cached blocks back."""

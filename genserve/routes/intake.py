@@ -19,10 +19,10 @@ from starlette.datastructures import UploadFile
 from genserve.errors import BadRequest, GenServeError, JobTimeout, PayloadTooLarge
 from genserve.http_errors import bad_request_from_validation
 from genserve.jobs import Job, wait_for_job
+from genserve.messages import CancelReason
 from genserve.prepare import EncodedImages, PreparedJob, prepare_job
 from genserve.schemas import IMAGE_FIELDS, GenerateRequest
 from genserve.service import Service
-from genserve.supervisor import TIMEOUT_REASON
 
 DEADLINE_GRACE_S = 5.0  # how long past its deadline a waiting client still waits for the worker to confirm the stop
 
@@ -214,25 +214,25 @@ async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> 
     The wait itself gives up DEADLINE_GRACE_S later, should a worker not answer the stop. A client that hangs up gets
     its still-queued jobs cancelled (queue.cancel_abandoned); running ones finish and stay retrievable by id.
     """
-    timeout = max(job.seconds_left() for job in jobs) + DEADLINE_GRACE_S
+    timeout = max(job.schedule.seconds_left() for job in jobs) + DEADLINE_GRACE_S
     finished = asyncio.ensure_future(asyncio.wait_for(_until_all_end_or_one_fails(jobs), timeout=timeout))
     hung_up = asyncio.ensure_future(_client_hangs_up(request))
     try:
         await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
         if not finished.done() and service.config.queue.cancel_abandoned:
             for job in jobs:
-                service.supervisor.cancel_queued(job, "client disconnected")
+                service.supervisor.cancel_queued(job, CancelReason.DISCONNECTED)
         await finished  # raises TimeoutError at the deadline
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for job in jobs:
-            service.supervisor.cancel(job, TIMEOUT_REASON)
+            service.supervisor.cancel(job, CancelReason.TIMEOUT)
         raise JobTimeout(
-            f"job did not finish within its deadline of {jobs[0].timeout_s:g} s (the request's timeout, capped by "
-            "queue.task_timeout_s); it was stopped"
+            f"job did not finish within its deadline of {jobs[0].schedule.timeout_s:g} s (the request's timeout, "
+            "capped by queue.task_timeout_s); it was stopped"
         ) from None
     except asyncio.CancelledError:
         for job in jobs:
-            service.supervisor.cancel(job, "request abandoned")
+            service.supervisor.cancel(job, CancelReason.ABANDONED)
         raise
     finally:
         for task in (finished, hung_up):
@@ -240,7 +240,7 @@ async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> 
     failed = next((job for job in jobs if job.error is not None), None)
     if failed is not None:
         for job in jobs:
-            service.supervisor.cancel(job, "another image of the same request failed")
+            service.supervisor.cancel(job, CancelReason.SIBLING_FAILED)
         assert failed.error is not None
         raise failed.error
 

@@ -92,7 +92,7 @@ async def _cancel(request: Request, job_id: str) -> JSONResponse:
     job = await run_in_threadpool(service.jobs.cancel, job_id)
     try:
         await asyncio.wait_for(wait_for_job(job), timeout=CANCEL_WAIT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass  # still stopping: 202, and the job view says so
     view = await run_in_threadpool(service.jobs.view, job_id)
     return JSONResponse(view, status_code=200 if job.done else 202)
@@ -150,7 +150,7 @@ async def _live_events(job: Job) -> AsyncIterator[str]:
         while True:
             try:
                 event = await asyncio.wait_for(subscription.events.get(), timeout=KEEP_ALIVE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
             yield _sse(event)

@@ -26,7 +26,7 @@ from genserve.errors import BadRequest, GenServeError, NotFound
 from genserve.http_errors import bad_request_from_validation
 from genserve.images import image_size, openai_mask_to_png, reencode
 from genserve.jobs import Job
-from genserve.messages import Mode
+from genserve.messages import CancelReason, Mode
 from genserve.prepare import EncodedImages, PreparedJob, prepare_job, snap_size
 from genserve.routes import intake
 from genserve.schemas import MAX_SEED, GenerateRequest
@@ -185,7 +185,7 @@ async def _submit_all(request: Request, service: Service, batch: list[PreparedJo
             jobs.append(await intake.submit(request, service, prepared))
     except GenServeError:
         for job in jobs:
-            service.supervisor.cancel(job, "another image of the same request was refused")
+            service.supervisor.cancel(job, CancelReason.SIBLING_REFUSED)
         raise
     return jobs
 

@@ -1,8 +1,13 @@
-"""API keys, per-key quotas and per-request deadlines against a real server."""
+"""API keys, per-key quotas and per-request deadlines against a real server.
+
+Jobs that must stay in flight are gated (tests/fault_worker.py): they hold the worker until the test opens the gate
+or cancels them, on any machine.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +15,26 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import ServerFactory
+from tests.conftest import Gates, ServerFactory
 from tests.server import GenServeProcess, wait_until
 
 ALICE = "alice-secret-key-0001"  # generate + read, from GENSERVE_API_KEYS
 READER = "reader-secret-key-0001"  # read only, from GENSERVE_API_KEYS
 ADMIN = "admin-secret-key-00001"  # admin, from the hashed keys file
 SMALL = {"prompt": "a key", "width": 64, "height": 64, "num_inference_steps": 2}
-ENDLESS = {"prompt": "a long one", "width": 2048, "height": 2048, "num_inference_steps": 100}
+
+
+@pytest.fixture
+def gate(gates: Gates) -> Iterator[str]:
+    """A fresh gate, opened when the test ends whatever happened, so no failure leaves a worker held."""
+    name = gates.new()
+    yield name
+    gates.open(name)
+
+
+def held(gate: str) -> dict[str, object]:
+    """A small job that holds the worker until ``gate`` opens (or the job is stopped)."""
+    return {**SMALL, "prompt": Gates.marker(gate)}
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +45,28 @@ def guarded(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactor
     return start_server(
         {"auth": {"keys_file": str(keys_file), "max_jobs_per_key": 1}},
         env={"GENSERVE_API_KEYS": f"alice:{ALICE}:generate,read;reader:{READER}:read"},
+        module="tests.fault_server",
     )
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def job(server: GenServeProcess, task_id: str, key: str | None = None) -> dict[str, Any]:
+    headers = bearer(key) if key else {}
+    view: dict[str, Any] = requests.get(f"{server.url}/jobs/{task_id}", headers=headers, timeout=10).json()
+    return view
+
+
+def wait_status(server: GenServeProcess, task_id: str, status: str, key: str | None = None) -> dict[str, Any]:
+    """Until the job is in ``status``; "running" also waits for the worker to have it (a start time)."""
+
+    def reached() -> dict[str, Any] | None:
+        view = job(server, task_id, key)
+        return view if view["status"] == status and (status != "running" or view["started_at"]) else None
+
+    return wait_until(reached, 60, what=f"job {task_id} to be {status}")
 
 
 def test_health_and_ready_need_no_key(guarded: GenServeProcess) -> None:
@@ -84,8 +118,8 @@ def test_keys_never_reach_the_log(guarded: GenServeProcess) -> None:
     assert ALICE not in log and READER not in log and ADMIN not in log
 
 
-def test_per_key_quota_is_429_with_retry_after(guarded: GenServeProcess) -> None:
-    first = requests.post(f"{guarded.url}/jobs", json=ENDLESS, headers=bearer(ALICE), timeout=30)
+def test_per_key_quota_is_429_with_retry_after(guarded: GenServeProcess, gate: str) -> None:
+    first = requests.post(f"{guarded.url}/jobs", json=held(gate), headers=bearer(ALICE), timeout=30)
     assert first.status_code == 202
     second = requests.post(f"{guarded.url}/jobs", json=SMALL, headers=bearer(ALICE), timeout=30)
     assert second.status_code == 429 and second.json()["error_type"] == "too_many_requests"
@@ -97,6 +131,8 @@ def test_per_key_quota_is_429_with_retry_after(guarded: GenServeProcess) -> None
     assert cancel.status_code == 200
     again = requests.post(f"{guarded.url}/jobs", json=SMALL, headers=bearer(ALICE), timeout=30)
     assert again.status_code == 202
+    for key, accepted in ((ADMIN, other), (ALICE, again)):  # the held job's cancel freed the worker for the rest
+        wait_status(guarded, accepted.json()["task_id"], "completed", key)
 
 
 def test_bad_keys_file_stops_the_start(tmp_path: Path, start_server: ServerFactory) -> None:
@@ -109,39 +145,45 @@ def test_bad_keys_file_stops_the_start(tmp_path: Path, start_server: ServerFacto
 # --- deadlines (no keys) -------------------------------------------------------------------------------------------
 
 
-def job(server: GenServeProcess, task_id: str) -> dict[str, Any]:
-    view: dict[str, Any] = requests.get(f"{server.url}/jobs/{task_id}", timeout=10).json()
-    return view
+@pytest.fixture(scope="module")
+def server(start_server: ServerFactory) -> GenServeProcess:
+    """The shared one-worker server (no keys), with fault-injection workers: gated prompts hold the worker."""
+    return start_server(module="tests.fault_server")
 
 
-def test_request_timeout_field_stops_a_running_job_with_408(server: GenServeProcess) -> None:
-    response = requests.post(f"{server.url}/generate", json={**ENDLESS, "timeout": 1.5}, timeout=60)
+def test_request_timeout_field_stops_a_running_job_with_408(server: GenServeProcess, gate: str) -> None:
+    # Held at its gate, the job is certainly running when its deadline passes, and could never finish by itself.
+    response = requests.post(f"{server.url}/generate", json={**held(gate), "timeout": 1.5}, timeout=60)
     assert response.status_code == 408
     assert "deadline of 1.5 s" in response.json()["error"]
     view = job(server, response.json()["task_id"])
     assert view["status"] == "failed" and view["error"]["type"] == "timeout"
     assert view["started_at"] is not None and view["params"]["timeout_s"] == 1.5
-    server.wait_full_strength(timeout=30)
+    status = server.wait_full_strength(timeout=30)
+    assert status["workers"][0]["restarts"] == 0  # stopped, not killed
 
 
-def test_x_request_timeout_header(server: GenServeProcess) -> None:
-    response = requests.post(f"{server.url}/generate", json=ENDLESS, headers={"X-Request-Timeout": "1"}, timeout=60)
+def test_x_request_timeout_header(server: GenServeProcess, gate: str) -> None:
+    response = requests.post(f"{server.url}/generate", json=held(gate), headers={"X-Request-Timeout": "1"}, timeout=60)
     assert response.status_code == 408
+    assert job(server, response.json()["task_id"])["params"]["timeout_s"] == 1
     bad = requests.post(f"{server.url}/generate", json=SMALL, headers={"X-Request-Timeout": "soon"}, timeout=10)
     assert bad.status_code == 400 and "X-Request-Timeout" in bad.json()["error"]
     server.wait_full_strength(timeout=30)
 
 
-def test_a_queued_job_leaves_the_queue_at_its_deadline(server: GenServeProcess) -> None:
-    blocker = requests.post(f"{server.url}/jobs", json={**ENDLESS, "timeout": 8}, timeout=30).json()["task_id"]
-    wait_until(lambda: job(server, blocker)["status"] == "running", 60, what="the blocker to run")
+def test_a_queued_job_leaves_the_queue_at_its_deadline(server: GenServeProcess, gates: Gates, gate: str) -> None:
+    blocker = requests.post(f"{server.url}/jobs", json=held(gate), timeout=30).json()["task_id"]
+    wait_status(server, blocker, "running")
     waiting = requests.post(f"{server.url}/jobs", json={**SMALL, "timeout": 1}, timeout=30).json()["task_id"]
     view = wait_until(
         lambda: (v := job(server, waiting))["status"] == "failed" and v, 30, what="the queued job to time out"
     )
     assert view["error"]["type"] == "timeout" and "in the queue" in view["error"]["message"]
     assert view["started_at"] is None
-    requests.post(f"{server.url}/jobs/{blocker}/cancel", timeout=30)
+    assert job(server, blocker)["status"] == "running"  # the worker never let go of the blocker meanwhile
+    gates.open(gate)
+    wait_status(server, blocker, "completed")
     server.wait_full_strength(timeout=30)
 
 

@@ -73,7 +73,7 @@ def test_kill_loop_loses_no_job_and_the_pool_recovers(pool: GenServeProcess) -> 
     status = pool.status()
     workers = status["workers"]
     assert len(workers) == 2
-    assert all(w["state"] == "ready" and w["pid"] and not w["gave_up"] for w in workers), status
+    assert all(w["state"] == "ready" and w["pid"] and not w["budget_spent"] for w in workers), status
     assert status["concurrent_manager"]["alive_processes"] == 2
     assert status["concurrent_manager"]["total_restarts"] - restarts_before == restarts
 
@@ -84,7 +84,7 @@ class ForgetfulHandler(QuietHandler):
 
     def do_GET(self) -> None:
         if self.path == "/status":
-            worker = {"slot": 0, "pid": 1, "state": "ready", "gave_up": False, "current_job": None}
+            worker = {"slot": 0, "pid": 1, "state": "ready", "budget_spent": False, "current_job": None}
             manager = {"alive_processes": 1, "dead_processes": 0, "total_restarts": 0, "global_queue_size": 0}
             self.reply(200, {"workers": [worker], "concurrent_manager": manager, "model": {"modes": ["text2img"]}})
         elif self.path == "/jobs/stuck":

@@ -7,10 +7,11 @@ import signal
 from typing import Any
 
 import pytest
+import requests
 
 from tests.conftest import ServerFactory
 from tests.fault_worker import SLOW_STEP_S
-from tests.server import GenServeProcess, wait_until
+from tests.server import GenServeProcess, b64, png_bytes, wait_until
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
@@ -95,3 +96,63 @@ def test_silent_worker_is_killed_and_respawned(faulty: GenServeProcess) -> None:
     assert now["restarts"] == before["restarts"] + 1
     assert now["last_error"].startswith("hung (no heartbeat for")
     assert faulty.generate(prompt="after the freeze", **SMALL).status_code == 200
+
+
+def test_fatal_device_error_fails_the_job_and_restarts_the_worker_clean(faulty: GenServeProcess) -> None:
+    before = faulty.wait_full_strength()["workers"][0]
+    response = faulty.generate(prompt="[device-error] a broken kernel", **SMALL)
+    assert response.status_code == 500, response.text
+    body = response.json()
+    assert body["error_type"] == "device_error" and "illegal memory access" in body["error"]
+
+    def restarted() -> dict[str, Any] | None:
+        now = worker(faulty)
+        return now if now["restarts"] == before["restarts"] + 1 and now["state"] == "ready" else None
+
+    now = wait_until(restarted, 60, what="the worker to restart with a fresh device context")
+    assert now["pid"] != before["pid"] and "fatal device error" in now["last_error"]
+    assert faulty.generate(prompt="a fresh context", **SMALL).status_code == 200
+
+
+def test_a_worker_stopped_mid_dispatch_holds_up_nothing_and_is_found_hung(start_server: ServerFactory) -> None:
+    server = start_server(
+        {"workers": {"cpu_workers": 2, "cpu_threads": 1, "heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 8}},
+        module="tests.fault_server",
+    )
+    stopped = server.wait_full_strength()["workers"][0]
+    os.kill(stopped["pid"], signal.SIGSTOP)  # frozen whole: it reads nothing from its pipe any more
+    big = b64(png_bytes((2048, 2048), (90, 120, 30)))
+    submitted = requests.post(
+        f"{server.url}/jobs",
+        json={
+            "prompt": "three large images for a frozen worker",
+            "mode": "controlnet",
+            "width": 2048,
+            "height": 2048,
+            "num_inference_steps": 1,
+            "control_image": big,
+            "input_image": big,
+            "mask_image": big,
+        },
+        timeout=60,
+    )
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["task_id"]
+    wait_until(lambda: worker(server)["current_job"] == job_id, 30, what="the job to go to the frozen worker")
+
+    # The other slot gets work at once: nothing waits on the frozen worker.
+    response = server.generate(prompt="meanwhile on slot 1", **SMALL)
+    assert response.status_code == 200, response.text
+    assert response.json()["worker_id"] == 1
+    frozen = worker(server)
+    assert (frozen["pid"], frozen["current_job"]) == (stopped["pid"], job_id)  # not yet declared hung
+
+    def replaced() -> dict[str, Any] | None:
+        now = worker(server)
+        return now if now["pid"] != stopped["pid"] and now["last_error"] else None
+
+    now = wait_until(replaced, 60, what="the frozen worker to be found hung and replaced")
+    assert now["last_error"].startswith("hung (no heartbeat for 8 s)")
+    requests.delete(f"{server.url}/jobs/{job_id}", timeout=30)  # its re-run is not what this test is about
+    wait_until(lambda: requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()["status"] != "queued", 60)
+    assert server.generate(prompt="after the freeze", **SMALL).status_code == 200

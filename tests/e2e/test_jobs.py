@@ -1,4 +1,9 @@
-"""The job API against a real server: submit, poll, fetch, cancel, SSE, restart survival, retention, seeds 000/003."""
+"""The job API against a real server: submit, poll, fetch, cancel, SSE, restart survival, retention, seeds 000/003.
+
+The servers run fault-injection workers (tests/fault_worker.py): jobs without markers run the real pipeline, a
+gated job holds the only worker until the test opens its gate (or cancels it), and a ``[slow]`` job reports a step
+every SLOW_STEP_S. Nothing here depends on how fast this machine runs the model.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +22,30 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ServerFactory
+from tests.conftest import Gates, ServerFactory
 from tests.server import GenServeProcess, wait_until
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-# Holds the only worker for several seconds on the embedded model (2 CPU cores), so others wait in the queue.
-BLOCKER = {"width": 1024, "height": 1024, "num_inference_steps": 60}
-# Runs for a minute or more if nobody stops it.
-ENDLESS = {"width": 2048, "height": 2048, "num_inference_steps": 100}
+FAULTS = "tests.fault_server"
+
+
+@pytest.fixture(scope="module")
+def server(start_server: ServerFactory) -> GenServeProcess:
+    """The shared one-worker server, with fault-injection workers."""
+    return start_server(module=FAULTS)
+
+
+@pytest.fixture
+def gate(gates: Gates) -> Iterator[str]:
+    """A fresh gate, opened when the test ends whatever happened, so no failure leaves the worker held."""
+    name = gates.new()
+    yield name
+    gates.open(name)
+
+
+def held(gate: str) -> dict[str, Any]:
+    """A small job that holds the worker until ``gate`` opens (or the job is canceled)."""
+    return {"prompt": Gates.marker(gate), **SMALL}
 
 
 def submit(server: GenServeProcess, **fields: Any) -> dict[str, Any]:
@@ -47,20 +69,33 @@ def wait_status(server: GenServeProcess, task_id: str, *statuses: str, timeout: 
     return wait_until(reached, timeout, what=f"job {task_id} to be {'/'.join(statuses)}")
 
 
-def wait_running(server: GenServeProcess, task_id: str) -> dict[str, Any]:
+def wait_started(server: GenServeProcess, task_id: str) -> dict[str, Any]:
+    """Running on the worker (it sent its start time); a gated job waits there, before its first step."""
+
+    def started() -> dict[str, Any] | None:
+        view = job(server, task_id)
+        return view if view["status"] == "running" and view["started_at"] is not None else None
+
+    return wait_until(started, 60, what=f"job {task_id} to start")
+
+
+def wait_stepping(server: GenServeProcess, task_id: str) -> dict[str, Any]:
     """Running and past its first denoising step."""
 
-    def running() -> dict[str, Any] | None:
+    def stepping() -> dict[str, Any] | None:
         view = job(server, task_id)
         return view if view["status"] == "running" and (view["progress"] or {}).get("step", 0) >= 1 else None
 
-    return wait_until(running, 120, what=f"job {task_id} to run")
+    return wait_until(stepping, 60, what=f"job {task_id} to finish a step")
 
 
-def read_events(server: GenServeProcess, task_id: str, timeout: float = 300) -> list[tuple[str, dict[str, Any]]]:
-    """The whole SSE stream of a job, parsed, up to the server closing it."""
-    events: list[tuple[str, dict[str, Any]]] = []
-    with requests.get(f"{server.url}/jobs/{task_id}/events", stream=True, timeout=timeout) as response:
+Event = tuple[str, dict[str, Any]]
+
+
+def read_events(server: GenServeProcess, task_id: str, into: list[Event] | None = None) -> list[Event]:
+    """The whole SSE stream of a job, parsed, up to the server closing it (appended to ``into`` as it arrives)."""
+    events: list[Event] = [] if into is None else into
+    with requests.get(f"{server.url}/jobs/{task_id}/events", stream=True, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         kind = ""
@@ -70,6 +105,23 @@ def read_events(server: GenServeProcess, task_id: str, timeout: float = 300) -> 
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[len("data: ") :])))
     return events
+
+
+class EventReader:
+    """Reads a job's SSE stream in a thread, so the test can wait for one event before it moves the job on."""
+
+    def __init__(self, server: GenServeProcess, task_id: str) -> None:
+        self.events: list[Event] = []
+        self._thread = threading.Thread(target=read_events, args=(server, task_id, self.events), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, what: str, seen: Callable[[list[Event]], bool]) -> None:
+        wait_until(lambda: seen(list(self.events)), 60, what=what)
+
+    def join(self) -> list[Event]:
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "the event stream did not end"
+        return self.events
 
 
 def test_submit_poll_and_fetch_the_image(server: GenServeProcess) -> None:
@@ -100,27 +152,36 @@ def test_image_can_be_reencoded_on_request(server: GenServeProcess) -> None:
     assert bad.status_code == 400
 
 
-def test_queue_positions_shrink_and_events_arrive_in_order(server: GenServeProcess) -> None:
-    blocker = submit(server, **BLOCKER)["task_id"]
-    wait_running(server, blocker)
-    waiting = [submit(server, **SMALL)["task_id"] for _ in range(3)]
+def test_queue_positions_shrink_and_events_arrive_in_order(server: GenServeProcess, gates: Gates) -> None:
+    # Each job ahead of the watched one is held by its own gate, so the watched job moves up one place at a time.
+    ahead = [gates.new() for _ in range(3)]
+    blocker = submit(server, **held(ahead[0]))["task_id"]
+    wait_started(server, blocker)
+    waiting = [submit(server, **held(ahead[1]))["task_id"], submit(server, **held(ahead[2]))["task_id"]]
+    waiting.append(submit(server, **SMALL)["task_id"])
     assert [job(server, task_id)["queue_position"] for task_id in waiting] == [0, 1, 2]
-    streams: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    reader = threading.Thread(target=lambda: streams.update(last=read_events(server, waiting[2])), daemon=True)
-    reader.start()
-    reader.join(timeout=300)
-    events = streams["last"]
+    reader = EventReader(server, waiting[2])
+    try:
+        for place, name in zip((2, 1, 0), ahead, strict=True):
+            reader.wait_for(
+                f"queue position {place}",
+                lambda events, place=place: any(k == "queued" and d["queue_position"] == place for k, d in events),
+            )
+            gates.open(name)
+    finally:
+        for name in ahead:
+            gates.open(name)
+    events = reader.join()
     kinds = [kind for kind, _ in events]
     positions = [data["queue_position"] for kind, data in events if kind == "queued"]
-    assert positions == sorted(positions, reverse=True) and positions[0] == 2 and positions[-1] == 0
-    assert len(set(positions)) == len(positions)  # a new event only when the place changed
+    assert positions == [2, 1, 0]  # one event per place, only when the place changed
     started_at = kinds.index("started")
     assert all(kind == "queued" for kind in kinds[:started_at])
     progress = [data["step"] for kind, data in events if kind == "progress"]
     assert progress == list(range(1, SMALL["num_inference_steps"] + 1))
     assert kinds[-1] == "completed" and sum(kind in ("completed", "failed", "canceled") for kind in kinds) == 1
     assert events[-1][1]["result_url"] == f"/image/{waiting[2]}"
-    assert job(server, blocker)["status"] == "completed"
+    assert all(job(server, task_id)["status"] == "completed" for task_id in (blocker, *waiting[:2]))
 
 
 def test_late_subscriber_gets_the_current_state_then_the_rest(server: GenServeProcess) -> None:
@@ -130,20 +191,25 @@ def test_late_subscriber_gets_the_current_state_then_the_rest(server: GenServePr
     assert [kind for kind, _ in events] == ["completed"]
     assert events[0][1]["status"] == "completed" and events[0][1]["task_id"] == task_id
 
-    running = submit(server, **BLOCKER)["task_id"]
-    wait_running(server, running)
+    # A [slow] job takes SLOW_STEP_S per step: joined after its first step, it still has the others to go.
+    total = 3
+    running = submit(server, prompt="[slow] joined late", width=64, height=64, num_inference_steps=total)["task_id"]
+    wait_stepping(server, running)
     events = read_events(server, running)
     kinds = [kind for kind, _ in events]
     assert kinds[0] == "started" and kinds[1] == "progress" and kinds[-1] == "completed"
+    assert events[0][1]["started_at"] is not None
     steps = [data["step"] for kind, data in events if kind == "progress"]
-    assert steps == sorted(steps) and steps[-1] == BLOCKER["num_inference_steps"]
+    # The current step first (the snapshot), then every later one, each once.
+    assert steps[0] >= 1 and steps == list(range(steps[0], total + 1)), steps
+    assert kinds == ["started", *["progress"] * len(steps), "completed"]
     eta = [data["eta_s"] for kind, data in events if kind == "progress"]
     assert eta[-1] == 0 and all(value is not None and value >= 0 for value in eta)
 
 
-def test_cancel_a_queued_job_and_a_running_one(server: GenServeProcess) -> None:
-    running = submit(server, **ENDLESS)["task_id"]
-    wait_running(server, running)
+def test_cancel_a_queued_job_and_a_running_one(server: GenServeProcess, gate: str) -> None:
+    running = submit(server, **held(gate))["task_id"]  # never opened: only the cancel ends it
+    wait_started(server, running)
     queued = submit(server, **SMALL)["task_id"]
     assert job(server, queued)["status"] == "queued"
 
@@ -156,7 +222,8 @@ def test_cancel_a_queued_job_and_a_running_one(server: GenServeProcess) -> None:
     assert answer.status_code == 200, answer.text
     view = answer.json()
     assert view["status"] == "canceled" and view["started_at"] is not None
-    # Stopped at a denoising step, long before 100 steps: the worker is free and serves the next job.
+    assert view["cancel_reason"] == "canceled by client"
+    # Stopped by the worker, not killed: the worker is free and serves the next job.
     status = server.wait_full_strength(timeout=30)
     assert status["workers"][0]["restarts"] == 0
     follow_up = submit(server, **SMALL)["task_id"]
@@ -231,8 +298,10 @@ def test_sync_generate_is_a_recorded_job(server: GenServeProcess) -> None:
 
 
 def test_seed_000_and_003_routes(server: GenServeProcess) -> None:
-    blocker = submit(server, **BLOCKER)["task_id"]
-    wait_running(server, blocker)
+    # A [slow] blocker reports a step every SLOW_STEP_S and would run for minutes: it shows progress while the
+    # routes are read, and the test cancels it when it has seen enough.
+    blocker = submit(server, prompt="[slow] blocker", width=64, height=64, num_inference_steps=100)["task_id"]
+    wait_stepping(server, blocker)
     waiting = submit(server, **SMALL)["task_id"]
 
     queue = requests.get(f"{server.url}/queue", timeout=10).json()
@@ -247,7 +316,10 @@ def test_seed_000_and_003_routes(server: GenServeProcess) -> None:
     assert running["status"] == "running" and running["message"] == "Task is currently running"
     assert running["execution_info"]["device"] == "cpu" and running["execution_info"]["step"] >= 1
 
+    assert requests.post(f"{server.url}/jobs/{blocker}/cancel", timeout=30).status_code == 200
+    stopped = wait_status(server, blocker, "canceled")
     wait_status(server, waiting, "completed")
+    assert job(server, waiting)["started_at"] > stopped["finished_at"]
     completed = requests.get(f"{server.url}/api/task_status/{waiting}", timeout=10).json()
     assert completed["status"] == "completed" and completed["node_errors"] == {}
     assert completed["execution_time"] > 0
@@ -266,12 +338,13 @@ def test_seed_000_and_003_routes(server: GenServeProcess) -> None:
     assert list(one) == [waiting] and one[waiting]["params"]["width"] == 64
     info = requests.get(f"{server.url}/api/image/{waiting}", timeout=10).json()
     assert info == {"status": "success", "images": completed["images"]}
-    wait_status(server, blocker, "completed")
+    canceled = requests.get(f"{server.url}/api/task_status/{blocker}", timeout=10).json()
+    assert canceled["status"] == "error" and "canceled" in canceled["message"]
 
 
-def test_abandoned_sync_request_cancels_its_queued_job(server: GenServeProcess) -> None:
-    blocker = submit(server, **BLOCKER)["task_id"]
-    wait_running(server, blocker)
+def test_abandoned_sync_request_cancels_its_queued_job(server: GenServeProcess, gates: Gates, gate: str) -> None:
+    blocker = submit(server, **held(gate))["task_id"]
+    wait_started(server, blocker)
     prompt = f"nobody waits for this {time.time()}"
     body = json.dumps({"prompt": prompt, **SMALL}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
@@ -289,20 +362,24 @@ def test_abandoned_sync_request_cancels_its_queued_job(server: GenServeProcess) 
     # The client hung up while its job waited: it is cancelled, and never runs.
     view = wait_status(server, task_id, "canceled", timeout=30)
     assert view["cancel_reason"] == "client disconnected" and view["started_at"] is None
-    assert wait_status(server, blocker, "completed")["status"] == "completed"
+    assert job(server, blocker)["status"] == "running"  # the gate still holds the worker: it was the queue's doing
+    gates.open(gate)
+    wait_status(server, blocker, "completed")
+    assert job(server, task_id)["started_at"] is None
 
 
 def test_jobs_and_images_survive_a_restart_and_unfinished_ones_are_marked(
-    start_server: ServerFactory, tmp_path: Path
+    start_server: ServerFactory, tmp_path: Path, gate: str
 ) -> None:
     results = {"results": {"dir": str(tmp_path / "results")}}
-    first = start_server(results)
+    first = start_server(results, module=FAULTS)
     done = submit(first, **SMALL)["task_id"]
     wait_status(first, done, "completed")
     png = requests.get(f"{first.url}/image/{done}", timeout=10).content
-    running = submit(first, **ENDLESS)["task_id"]
-    wait_running(first, running)
+    running = submit(first, **held(gate))["task_id"]  # still running when the server is killed
+    wait_started(first, running)
     queued = submit(first, **SMALL)["task_id"]
+    assert job(first, queued)["status"] == "queued"
     assert first.process is not None
     os.kill(first.process.pid, signal.SIGKILL)  # no goodbye: the records say queued / running
     first.process.wait(timeout=10)

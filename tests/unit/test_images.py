@@ -14,6 +14,7 @@ from PIL import Image
 from genserve.errors import BadRequest, PayloadTooLarge
 from genserve.images import (
     DecodedImage,
+    RawImage,
     decode_base64_field,
     decode_image,
     encode_png,
@@ -21,7 +22,6 @@ from genserve.images import (
     to_raw_mask,
     to_raw_rgb,
 )
-from genserve.messages import RawImage
 
 MB = 1024 * 1024
 BIG = 10 * MB

@@ -199,13 +199,14 @@ def test_an_undecodable_image_is_rejected_naming_its_field() -> None:
 
 
 def test_img2img_input_is_resized_to_the_output_size() -> None:
-    job = prepare({"input_image": b64(png(40, 24, (10, 20, 30)))}, mode="img2img", strength=0.3, **small_size()).request
-    raw = job.input_image
-    assert raw is not None
+    prepared = prepare({"input_image": b64(png(40, 24, (10, 20, 30)))}, mode="img2img", strength=0.3, **small_size())
+    raw = prepared.images["input_image"]
     assert (raw.width, raw.height, raw.mode) == (80, 64, "RGB")
     assert raw.data == bytes([10, 20, 30]) * (80 * 64)
-    assert job.strength == 0.3
-    assert (job.mask_image, job.control_image) == (None, None)
+    assert prepared.request.strength == 0.3
+    assert sorted(prepared.images) == ["input_image"]
+    # Pixels never ride the worker's pipe: the job manager writes them to files and fills these in.
+    assert (prepared.request.input_image, prepared.request.mask_image, prepared.request.control_image) == (None,) * 3
 
 
 def test_fill_images_have_the_right_modes_and_sizes() -> None:
@@ -214,23 +215,21 @@ def test_fill_images_have_the_right_modes_and_sizes() -> None:
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     images: dict[str, bytes | str] = {"input_image": png(40, 24), "mask_image": buffer.getvalue()}
-    job = prepare(images, mode="fill", **small_size()).request
-    assert job.input_image is not None and job.mask_image is not None
-    assert (job.input_image.width, job.input_image.height, job.input_image.mode) == (80, 64, "RGB")
-    assert (job.mask_image.width, job.mask_image.height, job.mask_image.mode) == (80, 64, "L")
-    assert len(job.mask_image.data) == 80 * 64
-    resized_mask = raw_to_pil(job.mask_image)
+    prepared = prepare(images, mode="fill", **small_size())
+    image, mask = prepared.images["input_image"], prepared.images["mask_image"]
+    assert (image.width, image.height, image.mode) == (80, 64, "RGB")
+    assert (mask.width, mask.height, mask.mode) == (80, 64, "L")
+    assert len(mask.data) == 80 * 64
+    resized_mask = raw_to_pil(mask)
     assert resized_mask.getpixel((0, 32)) == 0
     assert resized_mask.getpixel((79, 32)) == 255
 
 
 def test_form_bytes_and_json_base64_give_the_same_job_images() -> None:
     data = png(40, 24, (1, 2, 3))
-    from_form = prepare({"input_image": data}, mode="img2img", seed=1, **small_size()).request
-    from_json = prepare(
-        {"input_image": "data:image/png;base64," + b64(data)}, mode="img2img", seed=1, **small_size()
-    ).request
-    assert from_form.input_image == from_json.input_image
+    from_form = prepare({"input_image": data}, mode="img2img", seed=1, **small_size()).images
+    from_json = prepare({"input_image": "data:image/png;base64," + b64(data)}, mode="img2img", seed=1, **small_size())
+    assert from_form == from_json.images
 
 
 def test_controlnet_keeps_an_input_image_for_controlnet_img2img() -> None:
@@ -238,18 +237,18 @@ def test_controlnet_keeps_an_input_image_for_controlnet_img2img() -> None:
         "control_image": png(40, 24, (0, 0, 0)),
         "input_image": png(40, 24, (9, 9, 9)),
     }
-    job = prepare(images, mode="controlnet", **small_size()).request
-    assert job.control_image is not None and job.input_image is not None
-    assert (job.control_image.width, job.control_image.height, job.control_image.mode) == (80, 64, "RGB")
-    assert job.control_image.data == bytes(80 * 64 * 3)
-    assert job.input_image.data == bytes([9]) * (80 * 64 * 3)
-    assert job.mask_image is None
+    prepared = prepare(images, mode="controlnet", **small_size())
+    control, image = prepared.images["control_image"], prepared.images["input_image"]
+    assert (control.width, control.height, control.mode) == (80, 64, "RGB")
+    assert control.data == bytes(80 * 64 * 3)
+    assert image.data == bytes([9]) * (80 * 64 * 3)
+    assert "mask_image" not in prepared.images
 
 
 def test_controlnet_without_input_image_is_plain_controlnet() -> None:
-    job = prepare({"control_image": png(40, 24)}, mode="controlnet", **small_size()).request
-    assert job.control_image is not None
-    assert job.input_image is None
+    assert sorted(prepare({"control_image": png(40, 24)}, mode="controlnet", **small_size()).images) == [
+        "control_image"
+    ]
 
 
 def test_text2img_drops_stray_images() -> None:
@@ -258,13 +257,11 @@ def test_text2img_drops_stray_images() -> None:
         "mask_image": png(8, 8),
         "control_image": png(8, 8),
     }
-    job = prepare(images, **small_size()).request
-    assert (job.input_image, job.mask_image, job.control_image) == (None, None, None)
+    assert prepare(images, **small_size()).images == {}
 
 
 def test_text2img_ignores_even_an_invalid_stray_image() -> None:
-    job = prepare({"input_image": "!!!"}, **small_size()).request
-    assert job.input_image is None
+    assert prepare({"input_image": "!!!"}, **small_size()).images == {}
 
 
 def test_img2img_drops_stray_mask_and_control_images() -> None:
@@ -273,9 +270,7 @@ def test_img2img_drops_stray_mask_and_control_images() -> None:
         "mask_image": png(8, 8),
         "control_image": png(8, 8),
     }
-    job = prepare(images, mode="img2img", **small_size()).request
-    assert job.input_image is not None
-    assert (job.mask_image, job.control_image) == (None, None)
+    assert sorted(prepare(images, mode="img2img", **small_size()).images) == ["input_image"]
 
 
 # --- cfg, seed, controlnet type ----

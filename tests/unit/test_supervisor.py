@@ -1,0 +1,302 @@
+"""The supervisor in-process, through its ``worker_target`` seam: real worker processes (forked from the real
+forkserver, running the real worker loop) with a scripted pipeline (tests/scripted_worker.py), so dispatch order,
+recovery, backoff, the restart budget and shutdown are tested in seconds and mean the same on any machine: every
+job that must stay busy waits on a gate the test opens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genserve.config import Config
+from genserve.errors import ShuttingDown
+from genserve.jobs import Job, JobState
+from genserve.messages import CancelReason, JobRequest
+from genserve.supervisor import Supervisor, WorkerState
+from tests.conftest import Gates
+from tests.scripted_worker import FAIL_STARTUP, run_scripted_worker
+from tests.server import wait_until
+
+WAIT_S = 30  # generous bound for anything a test waits for; passing runs take a fraction of it
+
+
+def make_config(model_dir: Path, **workers: Any) -> Config:
+    settings: dict[str, Any] = {
+        "heartbeat_interval_s": 0.1,
+        "restart_backoff_s": 0.05,
+        "restart_backoff_max_s": 0.4,
+        "shutdown_timeout_s": 5,
+        "parallel_loads": 0,
+    }
+    settings.update(workers)
+    return Config.model_validate({"model": {"path": str(model_dir), "modes": ["text2img"]}, "workers": settings})
+
+
+def make_job(out: Path, prompt: str = "a cat", priority: int = 0, steps: int = 2, timeout_s: float = 60) -> Job:
+    job_id = uuid.uuid4().hex
+    request = JobRequest(
+        job_id=job_id,
+        mode="text2img",
+        prompt=prompt,
+        width=16,
+        height=16,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        seed=7,
+        strength=0.8,
+        input_image=None,
+        mask_image=None,
+        control_image=None,
+        control_mode=None,
+        controlnet_conditioning_scale=0.7,
+        output_path=str(out / f"{job_id}.png"),
+    )
+    return Job.create(request, priority, timeout_s)
+
+
+PoolFactory = Callable[..., Supervisor]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def pool(tmp_path: Path, model_dir: Path) -> Iterator[PoolFactory]:
+    started: list[Supervisor] = []
+
+    def start(workers: int = 1, on_fatal: Callable[[str], None] | None = None, **settings: Any) -> Supervisor:
+        config = make_config(model_dir, **settings)
+        supervisor = Supervisor(
+            config, ["cpu"] * workers, ("text2img",), worker_target=run_scripted_worker, on_fatal=on_fatal
+        )
+        started.append(supervisor)
+        supervisor.start()
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        supervisor.shutdown()
+
+
+def worker(supervisor: Supervisor, slot: int = 0) -> dict[str, Any]:
+    state: dict[str, Any] = supervisor.status()["workers"][slot]
+    return state
+
+
+def wait_ready(supervisor: Supervisor, count: int | None = None) -> None:
+    count = supervisor.total_workers() if count is None else count
+    wait_until(lambda: supervisor.ready_count() >= count, WAIT_S, 0.01, f"{count} ready worker(s)")
+
+
+def wait_busy(supervisor: Supervisor, job: Job) -> None:
+    wait_until(lambda: job.state is JobState.RUNNING and job.started_at, WAIT_S, 0.01, f"job {job.id} to start")
+
+
+def test_dispatch_is_lowest_priority_value_first_then_fifo(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    blocker = supervisor.submit(make_job(tmp_path, gates.marker(gate)))
+    wait_busy(supervisor, blocker)
+    arrivals = [("p5", 5), ("p1-first", 1), ("p3", 3), ("p1-second", 1), ("p-2", -2)]
+    jobs = {name: supervisor.submit(make_job(tmp_path, name, priority)) for name, priority in arrivals}
+    assert [supervisor.queue_position(jobs[name]) for name in ("p-2", "p1-first", "p1-second", "p3", "p5")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    gates.open(gate)
+    for job in [blocker, *jobs.values()]:
+        assert job.wait_done(WAIT_S) and job.state is JobState.COMPLETED, job.error
+    started = sorted(jobs, key=lambda name: jobs[name].started_at or 0)
+    assert started == ["p-2", "p1-first", "p1-second", "p3", "p5"]
+    assert all(job.started_at and blocker.started_at and job.started_at > blocker.started_at for job in jobs.values())
+
+
+def test_a_job_whose_worker_dies_is_requeued_once_then_fails(pool: PoolFactory, tmp_path: Path) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    job = supervisor.submit(make_job(tmp_path, "[crash] poison"))
+    assert job.wait_done(WAIT_S)
+    assert job.state is JobState.FAILED and job.error is not None
+    assert job.error.error_type == "worker_died" and "twice" in job.error.message
+    assert job.schedule.attempts == 2
+    # Two deaths, two respawns; the slot is back (the snapshot is published right after the job ends).
+    wait_until(lambda: worker(supervisor)["restarts"] == 2 and supervisor.ready_count(), WAIT_S, 0.01, "respawn")
+    # The pool serves on.
+    after = supervisor.submit(make_job(tmp_path, "after the storm"))
+    assert after.wait_done(WAIT_S) and after.state is JobState.COMPLETED
+
+
+def test_a_requeued_job_goes_to_the_head_of_its_priority(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool(workers=2)
+    wait_ready(supervisor)
+    gate = gates.new()
+    holder = supervisor.submit(make_job(tmp_path, gates.marker(gate)))  # keeps slot 0 busy
+    wait_busy(supervisor, holder)
+    doomed = supervisor.submit(make_job(tmp_path, "[crash] once"))  # slot 1 runs it and dies
+    wait_until(lambda: doomed.schedule.attempts == 1, WAIT_S, 0.01, "the crashing job to be dispatched")
+    # While slot 1 respawns, more work of the same priority arrives; the re-queued job must still go first.
+    later = [supervisor.submit(make_job(tmp_path, f"later {i}")) for i in range(2)]
+    wait_until(lambda: doomed.schedule.attempts == 2 or doomed.done, WAIT_S, 0.01, "the re-queued job to run again")
+    assert doomed.wait_done(WAIT_S)
+    first_later = min(job.started_at or float("inf") for job in later)
+    assert doomed.started_at is None or doomed.started_at <= first_later
+    gates.open(gate)
+    assert all(job.wait_done(WAIT_S) for job in [holder, *later])
+
+
+def test_respawn_backoff_doubles_while_a_slot_keeps_failing(pool: PoolFactory, model_dir: Path) -> None:
+    (model_dir / FAIL_STARTUP).touch()
+    supervisor = pool(restart_backoff_s=0.1, restart_backoff_max_s=10, max_restarts=10)
+    wait_until(lambda: worker(supervisor)["restarts"] >= 3, WAIT_S, 0.01, "three respawns")
+    slot = supervisor._slots[0]
+    times = list(slot.restart_times)
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    # Each gap holds the backoff (0.2 s, then 0.4 s …) plus the failed start itself: lower bounds only.
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps
+    assert "startup failed: RuntimeError: injected startup failure" in (worker(supervisor)["last_error"] or "")
+
+
+def test_a_spent_budget_keeps_retrying_and_the_pool_recovers_by_itself(
+    pool: PoolFactory, model_dir: Path, tmp_path: Path
+) -> None:
+    supervisor = pool(max_restarts=2, restart_backoff_max_s=0.3, restart_window_s=600)
+    wait_ready(supervisor)
+    (model_dir / FAIL_STARTUP).touch()  # from now on a start fails: a crash storm
+    job = supervisor.submit(make_job(tmp_path, "[crash] start the storm"))
+    wait_until(lambda: worker(supervisor)["budget_left"] == 0, WAIT_S, 0.01, "the budget to be spent")
+    status = supervisor.status()
+    assert status["status"] == "degraded"
+    assert "spent their restart budget" in status["reason"] and "retry every 0.3 s" in status["reason"]
+    assert worker(supervisor)["budget_spent"] is True
+    spent_at = worker(supervisor)["restarts"]
+    # Not dead for good: it keeps trying at restart_backoff_max_s.
+    wait_until(lambda: worker(supervisor)["restarts"] >= spent_at + 2, WAIT_S, 0.01, "retries after the budget")
+    (model_dir / FAIL_STARTUP).unlink()  # the storm ends
+    wait_ready(supervisor)
+    assert supervisor.status()["status"] in ("running", "degraded")
+    # The job waited through the storm (it had been re-queued once) and runs now.
+    assert job.wait_done(WAIT_S)
+    after = supervisor.submit(make_job(tmp_path, "calm again"))
+    assert after.wait_done(WAIT_S) and after.state is JobState.COMPLETED
+
+
+def test_on_budget_spent_exit_asks_the_service_to_exit(pool: PoolFactory, model_dir: Path) -> None:
+    (model_dir / FAIL_STARTUP).touch()
+    reasons: list[str] = []
+    supervisor = pool(max_restarts=1, on_budget_spent="exit", on_fatal=reasons.append)
+    wait_until(lambda: reasons, WAIT_S, 0.01, "the fatal callback")
+    assert "spent its restart budget" in reasons[0] and "on_budget_spent is exit" in reasons[0]
+    assert supervisor.fatal_reason == reasons[0]
+    time.sleep(0.5)  # no further respawn is scheduled
+    assert worker(supervisor)["restarts"] == 1 and worker(supervisor)["state"] == WorkerState.DEAD.value
+
+
+def test_drain_lets_a_running_job_finish_and_refuses_new_work(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    running = supervisor.submit(make_job(tmp_path, gates.marker(gate)))
+    wait_busy(supervisor, running)
+    queued = supervisor.submit(make_job(tmp_path, "waiting"))
+    drain = threading.Thread(target=supervisor.drain, args=(WAIT_S,))
+    drain.start()
+    assert queued.wait_done(WAIT_S)
+    assert queued.state is JobState.FAILED and isinstance(queued.error, ShuttingDown)
+    assert queued.cancel_reason is CancelReason.SHUTDOWN
+    with pytest.raises(ShuttingDown) as refused:
+        supervisor.submit(make_job(tmp_path, "too late"))
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    gates.open(gate)
+    drain.join(WAIT_S)
+    assert not drain.is_alive()
+    assert running.state is JobState.COMPLETED
+
+
+def test_shutdown_fails_what_is_left_and_never_respawns(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool(workers=2)
+    wait_ready(supervisor)
+    running = supervisor.submit(make_job(tmp_path, gates.marker(gates.new())))
+    wait_busy(supervisor, running)
+    pids = [w["pid"] for w in supervisor.status()["workers"]]
+    began = time.monotonic()
+    supervisor.drain(0.2)
+    assert running.done and running.state is JobState.FAILED
+    assert isinstance(running.error, ShuttingDown) and "shutdown_grace_s" in running.error.message
+    supervisor.shutdown()
+    assert time.monotonic() - began < 0.2 + 5 + 2  # grace + shutdown_timeout_s, with room
+    status = supervisor.status()
+    assert [w["state"] for w in status["workers"]] == ["dead", "dead"]
+    assert status["concurrent_manager"]["total_restarts"] == 0
+    assert status["status"] == "stopping"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            import os
+
+            os.kill(pid, 0)
+
+
+def test_cancel_of_a_running_job_stops_it_at_its_next_step(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    job = supervisor.submit(make_job(tmp_path, gates.marker(gates.new())))
+    wait_busy(supervisor, job)
+    supervisor.cancel(job, CancelReason.CLIENT)
+    assert job.wait_done(WAIT_S)
+    assert job.state is JobState.CANCELED and job.error is not None
+    assert "canceled by client" in job.error.message
+    wait_until(lambda: worker(supervisor)["state"] == "ready", WAIT_S, 0.01, "the worker to be idle again")
+    assert worker(supervisor)["restarts"] == 0
+
+
+def test_a_queued_job_past_its_deadline_leaves_the_queue(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    blocker = supervisor.submit(make_job(tmp_path, gates.marker(gate)))
+    wait_busy(supervisor, blocker)
+    short = supervisor.submit(make_job(tmp_path, "in a hurry", timeout_s=0.3))
+    assert short.wait_done(WAIT_S)
+    assert short.state is JobState.FAILED and short.error is not None and short.error.error_type == "timeout"
+    assert "in the queue" in short.error.message
+    assert supervisor.status()["queue"]["size"] == 0
+    gates.open(gate)
+    assert blocker.wait_done(WAIT_S) and blocker.state is JobState.COMPLETED
+
+
+def test_a_pipeline_error_fails_only_that_job(pool: PoolFactory, tmp_path: Path) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    bad = supervisor.submit(make_job(tmp_path, "[fail] bad input"))
+    assert bad.wait_done(WAIT_S) and bad.error is not None
+    assert bad.error.error_type == "job_failed" and "ValueError: injected pipeline failure" in bad.error.message
+    good = supervisor.submit(make_job(tmp_path, "good"))
+    assert good.wait_done(WAIT_S) and good.state is JobState.COMPLETED
+    assert worker(supervisor)["restarts"] == 0
+
+
+def test_parallel_loads_bounds_how_many_workers_load_at_once(pool: PoolFactory) -> None:
+    supervisor = pool(workers=3, parallel_loads=1)
+    seen_loading: list[int] = []
+
+    def all_ready() -> bool:
+        states = [w["state"] for w in supervisor.status()["workers"]]
+        seen_loading.append(states.count("starting"))
+        return states.count("ready") == 3
+
+    wait_until(all_ready, WAIT_S, 0.002, "three ready workers")
+    assert max(seen_loading) <= 1

@@ -1,0 +1,54 @@
+"""Imported once by the forkserver that every worker is forked from (see genserve.supervisor.PRELOAD_MODULES).
+
+Importing torch, diffusers' Flux pipelines and transformers' text encoders costs seconds; done here, a respawned
+worker starts with all of it in memory (copy-on-write) and pays only for loading its weights. Nothing here may
+initialise CUDA: a CUDA context does not survive a fork, so each worker creates its own after the fork.
+
+The forkserver also ignores SIGTERM from here on (multiprocessing already makes it ignore SIGINT): a SIGTERM sent to
+the whole process group must not take it down while the API process drains and may still need a worker. It ends
+when the API process does (multiprocessing closes its lifeline pipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from workers.pipelines import quiet_library_noise
+
+quiet_library_noise()  # before diffusers is imported, so its import-time warnings stay quiet too
+
+# The classes PipelineSet.load and the embedded model builder reach for; importing them resolves diffusers' and
+# transformers' lazy modules now rather than in each worker.
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
+
+import workers.main  # noqa: E402, F401
+
+PRELOADED = (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+logging.getLogger(__name__).debug("preloaded %d classes", len(PRELOADED))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring
