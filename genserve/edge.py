@@ -11,11 +11,18 @@ here is that same protocol with three guards, set by the ``server`` section of t
   of the connection, for a fresh connection), else the connection is closed (slowloris defence). An idle keep-alive
   connection between two requests stays uvicorn's ``timeout_keep_alive`` business.
 
-A head over either limit gets ``431 Request Header Fields Too Large``, a head that is too slow ``408 Request
-Timeout``, both in GenServe's native error shape with ``Connection: close``. The server then stops reading the
-request and closes its side; for a moment it keeps reading and dropping what the client still sends, so that the
-client's TCP stack does not reset the connection before the client has read the answer (RFC 9112, section 9.6).
-Everything else (keep-alive, pipelining, WebSocket upgrades, uvicorn's 400 for a malformed request) is unchanged.
+A head over either limit gets ``431 Request Header Fields Too Large`` (``414 URI Too Long`` when the request line
+alone is over the size limit), a head that is too slow ``408 Request
+Timeout`` (a connection that sent nothing is just closed), both in GenServe's native error shape with ``Connection:
+close``. After a 431 the server parses nothing more and closes its side; for a moment it keeps reading and dropping
+what the client still sends, so that the client's TCP stack does not reset the connection before the client has
+read the answer (RFC 9112, section 9.6). When an earlier pipelined request's response is still being written, no
+answer can go before it: the connection just closes once that response is complete.
+
+The head size is exact when a head starts at the beginning of a read, as it does unless the client pipelines. A
+head that begins part-way through a read is counted from what the parser has handed over, so it can pass the limit
+by at most one read before it is refused. Everything else (keep-alive, pipelining, WebSocket upgrades, uvicorn's 400
+for a malformed request) is unchanged.
 """
 
 from __future__ import annotations
@@ -66,10 +73,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0  # bytes of the current head fed to the parser
         self._head_begun = False  # the parser has seen the current request's first byte
+        self._line_done = False  # the current head's request line has ended (a 414 before, a 431 after)
         self._messages_done = 0  # tells whether a feed ended one message and began the next (pipelining)
         self._head_deadline: float | None = None  # loop time by which the current head must be complete
-        # At most one timer per connection, checking the deadline; it is not cancelled when a head completes (a
-        # timer per request would cost more than the request's own parsing), it re-arms for a later deadline.
+        # At most one timer per connection, checking the deadline. It is not cancelled when a head completes (a
+        # timer per request would add microseconds to every request); when it fires it re-arms for a later deadline.
         self._head_timer: asyncio.TimerHandle | None = None
         # Per-connection state after a refusal: nothing more is parsed.
         self._refused = False
@@ -112,6 +120,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     piece, rest = rest, b""
             else:
                 piece, rest = rest, b""
+            if self._in_head and not self._line_done:
+                self._line_done = (piece.find(b"\n") if isinstance(piece, bytes) else bytes(piece).find(b"\n")) >= 0
             messages_done = self._messages_done
             if not self._feed(piece):
                 if self._refused:
@@ -123,7 +133,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 else:  # the piece ended a message and began the next one (pipelining): count what the parser saw
                     self._head_bytes = self._parsed_head_bytes()
                 if self._head_bytes >= self.max_head_bytes:  # ...and the head is still not complete
-                    self._refuse_large(f"request line and headers exceed {self.max_head_bytes} bytes")
+                    if self._line_done:
+                        self._refuse_large(f"request line and headers exceed {self.max_head_bytes} bytes")
+                    else:  # the request line (its URL) alone is too long
+                        self._refuse_url_too_long()
                     self._drop(len(rest))
                     return
 
@@ -170,6 +183,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_begun = False
+        self._line_done = False
         self._messages_done += 1
 
     def _parsed_head_bytes(self) -> int:
@@ -177,7 +191,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         is left out), used only when a head begins part-way through a piece of data."""
         if not self._head_begun:
             return 0
-        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        return len(self.url) + sum(len(name) + len(value) + 3 for name, value in self.headers)  # "n:v\r\n"
 
     # --- timeout --------------------------------------------------------------------------------------------------
 
@@ -203,6 +217,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(None, "", "", linger=False)
 
     # --- refusal --------------------------------------------------------------------------------------------------
+
+    def _refuse_url_too_long(self) -> None:
+        message = f"request line (the URL) exceeds {self.max_head_bytes} bytes (server.max_header_kb)"
+        log.warning("414 to %s: %s", self._peer(), message)
+        self._refuse(414, "uri_too_long", message, linger=True)
 
     def _refuse_large(self, message: str) -> None:
         log.warning("431 to %s: %s", self._peer(), message)

@@ -560,7 +560,8 @@ def write_server_config(folder: Path, port: int, args: argparse.Namespace) -> Pa
     config = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "info", "shutdown_grace_s": 10},
         "model": {"embedded_cache_dir": str(args.embedded_cache)},
-        "workers": {"cpu_workers": 1},
+        # A worker that cannot start ends the server (and so the phase) at once, instead of retrying for ever.
+        "workers": {"cpu_workers": 1, "max_restarts": 2, "on_budget_spent": "exit"},
         "defaults": {"width": RETENTION_SIZE, "height": RETENTION_SIZE, "num_inference_steps": RETENTION_STEPS},
         "results": {"dir": str(folder / "results"), "cleanup_interval_s": args.retention_interval},
     }
@@ -600,12 +601,14 @@ class OwnServer:
             if process.poll() is not None:
                 raise BenchError(f"own server exited with status {process.returncode} before it was ready")
             try:
-                if session.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                answer = session.get(f"{self.url}/ready", timeout=2)
+                if answer.status_code == 200:
                     return
-            except requests.RequestException:
-                pass
+                why = answer.text[:300]
+            except requests.RequestException as exc:
+                why = str(exc)
             if time.monotonic() > deadline:
-                raise BenchError(f"own server not ready within {SERVER_START_TIMEOUT_S:g} s")
+                raise BenchError(f"own server not ready within {SERVER_START_TIMEOUT_S:g} s: {why}")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -1018,8 +1021,13 @@ def run_phase_kill(session: requests.Session, args: argparse.Namespace) -> dict[
     }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the finally blocks stop phase 3's server
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = run(args)
     except BenchError as exc:

@@ -187,6 +187,12 @@ def test_a_head_at_the_size_limit_is_served_and_one_byte_more_is_refused(server:
     assert_refused(exchange(server, request_head(size=MAX_HEAD_BYTES + 1)), 431, "headers_too_large")
 
 
+def test_a_request_line_over_the_limit_gets_414(server: GenServeProcess) -> None:
+    url = b"/jobs/" + b"a" * MAX_HEAD_BYTES
+    body = assert_refused(exchange(server, b"GET " + url + b" HTTP/1.1\r\nHost: x\r\n\r\n"), 414, "uri_too_long")
+    assert "request line" in body["error"]
+
+
 def test_100_headers_are_served_and_101_are_refused(server: GenServeProcess) -> None:
     response = exchange(server, request_head(headers=MAX_HEADERS))
     assert response is not None and response.status == 200, response
