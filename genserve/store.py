@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,13 @@ class JobRecord:
 _COLUMNS = [f.name for f in fields(JobRecord)]
 
 
+@dataclass
+class _Tally:
+    deleted_jobs: int = 0
+    deleted_bytes: int = 0
+    kept_busy: set[str] = field(default_factory=set)  # ids skipped because they were being served
+
+
 @dataclass(frozen=True)
 class CleanupReport:
     deleted_jobs: int
@@ -94,6 +101,8 @@ class CleanupReport:
 
 
 RETENTION_BATCH = 500  # rows deleted per retention transaction: the writer thread never waits long for SQLite
+RETENTION_PAUSE_S = 0.01  # between two retention pages: lets the other threads have the GIL and SQLite's lock
+_FINISHED = "status NOT IN ('queued', 'running')"
 BUSY_TIMEOUT_MS = 30_000  # how long a connection waits for another's write transaction before it errors
 
 
@@ -162,10 +171,10 @@ class ResultStore:
         folder = self.input_dir(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict[str, ImageFile] = {}
-        for field, raw in images.items():
-            path = folder / f"{field}.raw"
+        for name, raw in images.items():
+            path = folder / f"{name}.raw"
             path.write_bytes(raw.data)
-            files[field] = ImageFile(path=str(path), width=raw.width, height=raw.height, mode=raw.mode)
+            files[name] = ImageFile(path=str(path), width=raw.width, height=raw.height, mode=raw.mode)
         return files
 
     def remove_inputs(self, job_id: str) -> None:
@@ -246,44 +255,67 @@ class ResultStore:
     def cleanup(self, max_age_s: float, max_total_bytes: int, now: float | None = None) -> CleanupReport:
         """Delete finished jobs older than max_age_s, then the oldest images while the total is over the cap.
 
-        Runs in a thread of its own and holds nothing anyone else waits for: it reads from a WAL snapshot and
-        deletes in transactions of RETENTION_BATCH rows, so the persistence writer gets SQLite's write lock
-        between batches and HTTP readers never wait at all."""
+        Runs in a thread of its own and holds nothing anyone else waits for. It never reads the whole table: it
+        walks the finished jobs oldest first in pages of RETENTION_BATCH rows (keyset pagination on the time
+        index), deletes each page in its own short transaction, and pauses between pages — so the persistence
+        writer gets SQLite's write lock between batches, HTTP readers (WAL) never wait, and the event loop gets
+        the GIL back (a long run of SQLite calls would otherwise starve it)."""
         now = time.time() if now is None else now
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT id, submitted_at, image_bytes FROM jobs "
-                "WHERE status NOT IN ('queued', 'running') ORDER BY submitted_at ASC"
-            )
-            .fetchall()
-        )
-        total = sum(row["image_bytes"] or 0 for row in rows)
-        doomed: list[tuple[str, int]] = []
-        kept_busy = 0
-        for row in rows:
-            too_old = now - row["submitted_at"] > max_age_s
-            too_big = total > max_total_bytes and (row["image_bytes"] or 0) > 0
-            if not (too_old or too_big):
-                continue
-            if self._is_served(row["id"]):
-                kept_busy += 1
-                continue
-            doomed.append((row["id"], row["image_bytes"] or 0))
-            total -= row["image_bytes"] or 0
-        deleted_bytes = 0
-        for start in range(0, len(doomed), RETENTION_BATCH):
-            batch = doomed[start : start + RETENTION_BATCH]
-            with self._transaction() as conn:
-                conn.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in batch])
-            for job_id, size in batch:
-                if size:
-                    self.image_path(job_id).unlink(missing_ok=True)
-                deleted_bytes += size
+        report = _Tally()
+        self._delete_pages(report, "submitted_at < ?", (now - max_age_s,), stop_below_bytes=None)
+        total = self._conn().execute(f"SELECT COALESCE(SUM(image_bytes), 0) FROM jobs WHERE {_FINISHED}").fetchone()
+        if total[0] > max_total_bytes:
+            self._delete_pages(report, "image_bytes > 0", (), stop_below_bytes=(int(total[0]), max_total_bytes))
         self._remove_stale_temporaries(now)
-        if doomed:
-            log.info("retention deleted %d job(s), %d bytes of images", len(doomed), deleted_bytes)
-        return CleanupReport(deleted_jobs=len(doomed), deleted_bytes=deleted_bytes, kept_busy=kept_busy)
+        if report.deleted_jobs:
+            log.info("retention deleted %d job(s), %d bytes of images", report.deleted_jobs, report.deleted_bytes)
+        return CleanupReport(report.deleted_jobs, report.deleted_bytes, len(report.kept_busy))
+
+    def _delete_pages(
+        self, report: _Tally, condition: str, args: tuple[Any, ...], stop_below_bytes: tuple[int, int] | None
+    ) -> None:
+        """Delete finished jobs matching ``condition``, oldest first, page by page. With ``stop_below_bytes``
+        (total, cap), only until the images left add up to no more than the cap."""
+        total, cap = stop_below_bytes or (0, 0)
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            rows = (
+                self._conn()
+                .execute(
+                    f"SELECT id, submitted_at, image_bytes FROM jobs WHERE {_FINISHED} AND {condition} "
+                    "AND (submitted_at, id) > (?, ?) ORDER BY submitted_at, id LIMIT ?",
+                    (*args, *after, RETENTION_BATCH),
+                )
+                .fetchall()
+            )
+            if not rows:
+                return
+            after = (rows[-1]["submitted_at"], rows[-1]["id"])
+            doomed: list[tuple[str, int]] = []
+            for row in rows:
+                if stop_below_bytes is not None and total <= cap:
+                    break
+                if self._is_served(row["id"]):
+                    report.kept_busy.add(row["id"])
+                    continue
+                size = row["image_bytes"] or 0
+                doomed.append((row["id"], size))
+                total -= size
+            self._delete(doomed, report)
+            if stop_below_bytes is not None and total <= cap:
+                return
+            time.sleep(RETENTION_PAUSE_S)
+
+    def _delete(self, doomed: Sequence[tuple[str, int]], report: _Tally) -> None:
+        if not doomed:
+            return
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in doomed])
+        for job_id, size in doomed:
+            if size:
+                self.image_path(job_id).unlink(missing_ok=True)
+            report.deleted_jobs += 1
+            report.deleted_bytes += size
 
     def _remove_stale_temporaries(self, now: float) -> None:
         for temporary in self.images.glob("*/.*.tmp"):

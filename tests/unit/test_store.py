@@ -94,3 +94,28 @@ def test_an_image_being_served_is_not_deleted_until_released(store: ResultStore)
     store.release("served")
     assert store.cleanup(max_age_s=1, max_total_bytes=0, now=1000.0).deleted_jobs == 1
     assert not path.exists()
+
+
+def test_cleanup_walks_many_pages_and_skips_a_served_image_in_the_middle(store: ResultStore) -> None:
+    from genserve.store import RETENTION_BATCH
+
+    count = RETENTION_BATCH * 2 + 7
+    for index in range(count):
+        store.insert(record(f"j{index:05d}", submitted_at=float(index), image_bytes=None))
+    served = add(store, "served", submitted_at=float(RETENTION_BATCH))  # sorts inside the second page
+    store.acquire("served")
+    report = store.cleanup(max_age_s=10, max_total_bytes=10**9, now=10.0 + count)
+    assert (report.deleted_jobs, report.kept_busy) == (count, 1)
+    assert store.count() == 1 and served.exists()
+
+
+def test_cleanup_by_size_stops_as_soon_as_the_total_fits_across_pages(store: ResultStore) -> None:
+    from genserve.store import RETENTION_BATCH
+
+    count = RETENTION_BATCH + 50
+    for index in range(count):
+        add(store, f"i{index:05d}", submitted_at=float(index), size=10)
+    report = store.cleanup(max_age_s=10**9, max_total_bytes=10 * 20, now=float(count))
+    assert report.deleted_jobs == count - 20
+    records, total = store.list(limit=100)
+    assert total == 20 and {r.id for r in records} == {f"i{index:05d}" for index in range(count - 20, count)}
