@@ -33,7 +33,28 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
+import workers.embedded  # noqa: E402, F401
 import workers.main  # noqa: E402, F401
+
+
+def _warm_process_caches() -> None:
+    """Fill the caches that the first from_pretrained in a process would fill, so each worker inherits them.
+
+    transformers builds its checkpoint conversion table (about a thousand regular expressions) on first use: ~0.9 s
+    of every fresh worker's load otherwise. diffusers imports its guiders lazily on the first pipeline load."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        get_checkpoint_conversion_mapping("t5")
+    except ImportError:  # another transformers version: nothing to warm, loading works regardless
+        pass
+    try:
+        import diffusers.guiders  # noqa: F401
+    except ImportError:
+        pass
+
+
+_warm_process_caches()
 
 PRELOADED = (
     AutoencoderKL,
