@@ -11,7 +11,6 @@ when the API process does (multiprocessing closes its lifeline pipe).
 
 from __future__ import annotations
 
-import logging
 import signal
 
 from workers.pipelines import quiet_library_noise
@@ -20,7 +19,7 @@ quiet_library_noise()  # before diffusers is imported, so its import-time warnin
 
 # The classes PipelineSet.load and the embedded model builder reach for; importing them resolves diffusers' and
 # transformers' lazy modules now rather than in each worker.
-from diffusers import (  # noqa: E402
+from diffusers import (  # noqa: E402, F401
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxControlNetImg2ImgPipeline,
@@ -31,7 +30,7 @@ from diffusers import (  # noqa: E402
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402, F401
 
 import workers.embedded  # noqa: E402, F401
 import workers.main  # noqa: E402, F401
@@ -56,20 +55,4 @@ def _warm_process_caches() -> None:
 
 _warm_process_caches()
 
-PRELOADED = (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxControlNetImg2ImgPipeline,
-    FluxControlNetModel,
-    FluxControlNetPipeline,
-    FluxFillPipeline,
-    FluxImg2ImgPipeline,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
-logging.getLogger(__name__).debug("preloaded %d classes", len(PRELOADED))
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring

@@ -170,8 +170,9 @@ async def ready(request: Request) -> JSONResponse:
         "saturated": snapshot["queue"]["saturated"],
         "queue": snapshot["queue"],
     }
-    if not body["ready"]:
+    if snapshot["reason"] or not body["ready"]:  # degraded, starting or stopping: say why, ready or not
         body["reason"] = service.supervisor.not_ready_reason()
+    if not body["ready"]:
         errors = [f"worker {w['slot']}: {w['last_error']}" for w in snapshot["workers"] if w["last_error"]]
         if errors:
             body["worker_errors"] = errors
