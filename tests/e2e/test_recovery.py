@@ -189,8 +189,9 @@ def test_sigterm_finishes_the_running_job_then_stops_every_worker(
     start_server: ServerFactory, gates: Gates, gate: str
 ) -> None:
     server = start_server({"workers": {"cpu_workers": 2, "cpu_threads": 1}}, module=FAULTS)
-    pids = server.worker_pids()
-    assert len(pids) == 2
+    # /ready answers once one worker is ready; the second may still be loading (workers.parallel_loads).
+    pids = [worker["pid"] for worker in server.wait_full_strength()["workers"]]
+    assert len(pids) == 2 and all(pids)
     thread, out = generate_in_background(server, {**SMALL, "prompt": gates.marker(gate)})
 
     def started() -> bool:
