@@ -81,7 +81,26 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path)
         server.stop()
 
 
+FAULT_SERVER = "tests.fault_server"
+SMALL_JOB = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
 @pytest.fixture(scope="module")
-def server(start_server: ServerFactory) -> GenServeProcess:
-    """A one-worker server with the embedded model, shared by the tests of a module."""
-    return start_server()
+def server(request: pytest.FixtureRequest, start_server: ServerFactory) -> GenServeProcess:
+    """A one-worker server with the embedded model, shared by the tests of a module. A module that sets
+    ``SERVER_MODULE = FAULT_SERVER`` gets fault-injection workers (gated prompts hold the worker; prompts without
+    a marker run the real pipeline)."""
+    return start_server(module=getattr(request.module, "SERVER_MODULE", "genserve"))
+
+
+@pytest.fixture
+def gate(gates: Gates) -> Iterator[str]:
+    """A fresh gate, opened when the test ends whatever happened, so no failure leaves a worker held."""
+    name = gates.new()
+    yield name
+    gates.open(name)
+
+
+def held(gate: str, **fields: Any) -> dict[str, Any]:
+    """A small job that holds its worker until ``gate`` opens (or the job is stopped)."""
+    return {**SMALL_JOB, **fields, "prompt": Gates.marker(gate)}

@@ -63,13 +63,18 @@ class _Outbox:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._shutting_down = False  # after Shutdown the supervisor stops reading: a broken pipe is expected
 
     def send(self, message: object) -> None:
         with self._lock:
             try:
                 self._conn.send(message)
             except (BrokenPipeError, EOFError, OSError):
-                _exit_because_parent_died()
+                if not self._shutting_down:
+                    _exit_because_parent_died()
+
+    def shutting_down(self) -> None:
+        self._shutting_down = True
 
 
 class _CancelBoard:
@@ -123,7 +128,9 @@ def _configure_logging(spec: WorkerSpec) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if spec.log_level != "debug" else logging.INFO)
 
 
-def _read_pipe(conn: Connection, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard) -> None:
+def _read_pipe(
+    conn: Connection, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard, outbox: _Outbox
+) -> None:
     while True:
         try:
             message = conn.recv()
@@ -131,6 +138,11 @@ def _read_pipe(conn: Connection, inbox: queue.Queue[JobRequest | Shutdown], boar
             _exit_because_parent_died()
             return
         _on_message(message, inbox, board)
+        if isinstance(message, Shutdown):
+            # The supervisor closes the pipe next: that EOF, and a send that finds the pipe closed, are the
+            # expected end, not the API process's death.
+            outbox.shutting_down()
+            return
 
 
 def _on_message(message: WorkerInbound, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard) -> None:
@@ -192,7 +204,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     outbox = _Outbox(conn)
     inbox: queue.Queue[JobRequest | Shutdown] = queue.Queue()
     board = _CancelBoard()
-    threading.Thread(target=_read_pipe, args=(conn, inbox, board), name="reader", daemon=True).start()
+    threading.Thread(target=_read_pipe, args=(conn, inbox, board, outbox), name="reader", daemon=True).start()
     threading.Thread(target=_beat, args=(outbox, spec), name="heartbeat", daemon=True).start()
 
     try:

@@ -7,7 +7,6 @@ or cancels them, on any machine.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +14,15 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Gates, ServerFactory
+from tests.conftest import FAULT_SERVER, Gates, ServerFactory, held
 from tests.server import GenServeProcess, wait_until
+
+SERVER_MODULE = FAULT_SERVER  # the shared `server` fixture runs fault-injection workers
 
 ALICE = "alice-secret-key-0001"  # generate + read, from GENSERVE_API_KEYS
 READER = "reader-secret-key-0001"  # read only, from GENSERVE_API_KEYS
 ADMIN = "admin-secret-key-00001"  # admin, from the hashed keys file
 SMALL = {"prompt": "a key", "width": 64, "height": 64, "num_inference_steps": 2}
-
-
-@pytest.fixture
-def gate(gates: Gates) -> Iterator[str]:
-    """A fresh gate, opened when the test ends whatever happened, so no failure leaves a worker held."""
-    name = gates.new()
-    yield name
-    gates.open(name)
-
-
-def held(gate: str) -> dict[str, object]:
-    """A small job that holds the worker until ``gate`` opens (or the job is stopped)."""
-    return {**SMALL, "prompt": Gates.marker(gate)}
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +131,6 @@ def test_bad_keys_file_stops_the_start(tmp_path: Path, start_server: ServerFacto
 
 
 # --- deadlines (no keys) -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(start_server: ServerFactory) -> GenServeProcess:
-    """The shared one-worker server (no keys), with fault-injection workers: gated prompts hold the worker."""
-    return start_server(module="tests.fault_server")
 
 
 def test_request_timeout_field_stops_a_running_job_with_408(server: GenServeProcess, gate: str) -> None:

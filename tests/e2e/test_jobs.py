@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +22,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import Gates, ServerFactory
+from tests.conftest import FAULT_SERVER, Gates, ServerFactory, held
 from tests.server import GenServeProcess, wait_until
 
+SERVER_MODULE = FAULT_SERVER  # the shared `server` fixture runs fault-injection workers
+
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-FAULTS = "tests.fault_server"
-
-
-@pytest.fixture(scope="module")
-def server(start_server: ServerFactory) -> GenServeProcess:
-    """The shared one-worker server, with fault-injection workers."""
-    return start_server(module=FAULTS)
-
-
-@pytest.fixture
-def gate(gates: Gates) -> Iterator[str]:
-    """A fresh gate, opened when the test ends whatever happened, so no failure leaves the worker held."""
-    name = gates.new()
-    yield name
-    gates.open(name)
-
-
-def held(gate: str) -> dict[str, Any]:
-    """A small job that holds the worker until ``gate`` opens (or the job is canceled)."""
-    return {"prompt": Gates.marker(gate), **SMALL}
 
 
 def submit(server: GenServeProcess, **fields: Any) -> dict[str, Any]:
@@ -372,7 +354,7 @@ def test_jobs_and_images_survive_a_restart_and_unfinished_ones_are_marked(
     start_server: ServerFactory, tmp_path: Path, gate: str
 ) -> None:
     results = {"results": {"dir": str(tmp_path / "results")}}
-    first = start_server(results, module=FAULTS)
+    first = start_server(results, module=FAULT_SERVER)
     done = submit(first, **SMALL)["task_id"]
     wait_status(first, done, "completed")
     png = requests.get(f"{first.url}/image/{done}", timeout=10).content

@@ -9,32 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
-import pytest
 import requests
 
-from tests.conftest import Gates, ServerFactory
+from tests.conftest import FAULT_SERVER, Gates, ServerFactory
 from tests.server import GenServeProcess, decode_png, wait_until
 
+SERVER_MODULE = FAULT_SERVER  # the shared `server` fixture runs fault-injection workers
+
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-FAULTS = "tests.fault_server"
-
-
-@pytest.fixture(scope="module")
-def server(start_server: ServerFactory) -> GenServeProcess:
-    """The shared one-worker server, with fault-injection workers: gated prompts hold the worker."""
-    return start_server(module=FAULTS)
-
-
-@pytest.fixture
-def gate(gates: Gates) -> Iterator[str]:
-    """A fresh gate, opened when the test ends whatever happened, so no failure leaves a worker held."""
-    name = gates.new()
-    yield name
-    gates.open(name)
 
 
 def job(server: GenServeProcess, task_id: str) -> dict[str, Any]:
@@ -188,7 +173,7 @@ def _not_zombie(pid: int) -> bool:
 def test_sigterm_finishes_the_running_job_then_stops_every_worker(
     start_server: ServerFactory, gates: Gates, gate: str
 ) -> None:
-    server = start_server({"workers": {"cpu_workers": 2, "cpu_threads": 1}}, module=FAULTS)
+    server = start_server({"workers": {"cpu_workers": 2, "cpu_threads": 1}}, module=FAULT_SERVER)
     # /ready answers once one worker is ready; the second may still be loading (workers.parallel_loads).
     pids = [worker["pid"] for worker in server.wait_full_strength()["workers"]]
     assert len(pids) == 2 and all(pids)

@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import requests
 
-from tests.conftest import Gates, ServerFactory
+from tests.conftest import FAULT_SERVER, Gates, ServerFactory
 from tests.server import GenServeProcess, wait_until
 
+SERVER_MODULE = FAULT_SERVER  # the shared `server` fixture runs fault-injection workers
+
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def server(start_server: ServerFactory) -> GenServeProcess:
-    """The shared one-worker server, with fault-injection workers: gated prompts hold the worker."""
-    return start_server(module="tests.fault_server")
-
-
-@pytest.fixture
-def gate(gates: Gates) -> Iterator[str]:
-    """A fresh gate, opened when the test ends whatever happened, so no failure leaves the worker held."""
-    name = gates.new()
-    yield name
-    gates.open(name)
 
 
 def run_in_background(
