@@ -788,6 +788,7 @@ class PassWatch(threading.Thread):
 @dataclass
 class Window:
     dispatch: list[Timed]  # value_s = timings.queue_s
+    generate: list[Timed]  # value_s = the client's round trip of the same requests (a stalled submit shows here)
     health: list[Timed]  # value_s = round trip
     health_errors: int
     seconds: float
@@ -801,12 +802,15 @@ def measure(base: str, args: argparse.Namespace, watch: PassWatch | None = None)
     began = time.perf_counter()
     deadline = began + 3 * args.retention_interval + 60
     dispatch: list[Timed] = []
+    generated: list[Timed] = []
     probe.start()
     try:
         while True:
             sent = time.perf_counter()
             sample = generate(session, base, RETENTION_SIZE, RETENTION_STEPS, args.request_timeout)
-            dispatch.append(Timed(sent, time.perf_counter(), sample.queue_s))
+            ended = time.perf_counter()
+            dispatch.append(Timed(sent, ended, sample.queue_s))
+            generated.append(Timed(sent, ended, ended - sent))
             window_over = time.perf_counter() - began >= args.retention_window
             if window_over and (watch is None or watch.done is not None):
                 break
@@ -814,7 +818,7 @@ def measure(base: str, args: argparse.Namespace, watch: PassWatch | None = None)
                 watch.check(deadline)
     finally:
         probe.stop()
-    return Window(dispatch, probe.samples, probe.errors, time.perf_counter() - began)
+    return Window(dispatch, generated, probe.samples, probe.errors, time.perf_counter() - began)
 
 
 def tail_stats(values_s: list[float]) -> dict[str, float]:
@@ -838,6 +842,7 @@ def window_figures(window: Window, span: tuple[float, float] | None = None) -> d
 
     return {
         "dispatch": tail_stats(values(window.dispatch)),
+        "generate": tail_stats(values(window.generate)),
         "health": tail_stats(values(window.health)),
         "health_errors": window.health_errors,
         "seconds": window.seconds if span is None else span[1] - span[0],
@@ -914,7 +919,7 @@ def print_retention(report: dict[str, Any]) -> None:
     columns = ("no_retention", "during_retention", "while_deleting")
     stats = ("p50_ms", "p99_ms", "max_ms")
     rows = []
-    for key, label in (("dispatch", "dispatch (queue_s)"), ("health", "/health")):
+    for key, label in (("dispatch", "dispatch (queue_s)"), ("generate", "POST /generate"), ("health", "/health")):
         row = [label]
         for column in columns:
             figures = report[column][key]
