@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
         stream=sys.stderr,
     )
     log.info("genserve %s; config: %s", __version__, path or "built-in defaults")
+    if config.workers.start_method == "forkserver":
+        from genserve import forkserver
+
+        forkserver.start_early()  # its imports now run alongside ours below
 
     from genserve.app import create_app
     from genserve.edge import http_protocol

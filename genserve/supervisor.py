@@ -48,6 +48,7 @@ from typing import Any, assert_never
 
 import torch.multiprocessing as torch_mp
 
+from genserve import forkserver
 from genserve.config import Config, expand_path
 from genserve.errors import (
     DeviceError,
@@ -85,8 +86,6 @@ from genserve.queue import PriorityQueue, QueueFullError
 log = logging.getLogger(__name__)
 
 _DEADLINE_SOURCE = "the request's timeout, capped by queue.task_timeout_s"
-# Modules the forkserver imports once, so that every worker forked from it starts with them loaded.
-PRELOAD_MODULES = ["workers.preload"]
 MONITOR_JOIN_S = 60.0  # at shutdown, the longest wait for the monitor to finish what it is doing
 
 WorkerTarget = Callable[[WorkerSpec, Connection], None]
@@ -1015,12 +1014,13 @@ class Supervisor:
 def _worker_context(start_method: str) -> Any:
     """The multiprocessing context workers start from.
 
-    forkserver: a server process imports PRELOAD_MODULES once; each worker is a fork of it, so a respawn skips
-    importing torch, diffusers and transformers. It never touches CUDA, so each worker still initialises CUDA
-    itself, as with spawn. spawn: a fresh interpreter per worker (slower; for platforms without fork)."""
+    forkserver: a server process imports genserve.forkserver.PRELOAD_MODULES once; each worker is a fork of it, so
+    a respawn skips importing torch, diffusers and transformers. It never touches CUDA, so each worker still
+    initialises CUDA itself, as with spawn. spawn: a fresh interpreter per worker (slower; for platforms without
+    fork)."""
     ctx = torch_mp.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload(PRELOAD_MODULES)
+        forkserver.configure()
     return ctx
 
 
