@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +21,7 @@ from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.middleware import BodySizeLimit
+from genserve.retention import Retention
 from genserve.routes import compat, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
@@ -104,32 +104,3 @@ def _warn_if_exposed(config: Config, keyring: KeyRing) -> None:
             "Configure auth.keys, auth.keys_file or GENSERVE_API_KEYS. !!!",
             config.server.host,
         )
-
-
-class Retention:
-    """Deletes old results now and every results.cleanup_interval_s, in a thread of its own.
-
-    Not the HTTP thread pool: a pass over a large store must not take a thread a request is waiting for."""
-
-    def __init__(self, config: Config, store: ResultStore) -> None:
-        self.config = config
-        self.store = store
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="genserve-retention", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        results = self.config.results
-        max_age_s = results.max_age_hours * 3600
-        max_bytes = int(results.max_total_gb * 1024**3)
-        while not self._stopped.is_set():
-            try:
-                self.store.cleanup(max_age_s, max_bytes)
-            except Exception:  # a full disk or a locked database must not end retention for good
-                log.exception("retention failed; trying again next round")
-            self._stopped.wait(results.cleanup_interval_s)
