@@ -33,6 +33,7 @@ kills what is left. A worker that exits during either is never counted as a cras
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -231,6 +232,8 @@ class Supervisor:
             for slot in self._slots:
                 slot.respawn_at = now
             self._publish()
+        # Runs before multiprocessing's own exit hook (atexit is last-in, first-out), even when shutdown() never ran.
+        atexit.register(self._kill_stragglers)
         self._monitor = threading.Thread(target=self._monitor_loop, name="genserve-monitor", daemon=True)
         self._monitor.start()
 
@@ -295,7 +298,8 @@ class Supervisor:
         log.info("all workers stopped")
 
     def _kill_stragglers(self) -> None:
-        """Any child process still alive now is one no slot knows of (a race with a spawn): kill it.
+        """Kill every worker process still alive: after shutdown() only one no slot knew of (a race with a spawn); at
+        interpreter exit without shutdown() (a forced stop), all of them.
 
         Workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait on one for ever."""
         with self._lock:
@@ -934,7 +938,9 @@ class Supervisor:
             target=self._target,
             args=(self._spec(slot), child_conn),
             name=f"genserve-worker-{slot.index}",
-            daemon=True,  # multiprocessing's exit hook terminates it if the API process exits normally
+            # Daemon or not, multiprocessing's exit hook joins it, and a loaded worker ignores SIGTERM: the atexit
+            # hook registered in start() kills what is left first, so a forced exit never hangs on a worker.
+            daemon=True,
         )
         try:
             process.start()

@@ -55,10 +55,18 @@ def install_gates() -> GateWait:
     canceled_lock = threading.Lock()
     real_cancel = main._CancelBoard.cancel
 
+    real_cancel_current = main._CancelBoard.cancel_current
+
     def noting_cancel(board: Any, job_id: str) -> None:
         with canceled_lock:
             canceled.add(job_id)
         real_cancel(board, job_id)
+
+    def noting_cancel_current(board: Any) -> None:  # Shutdown stops the current job this way
+        with canceled_lock:
+            if board._current is not None:
+                canceled.add(board._current)
+        real_cancel_current(board)
 
     def wait_for_gate(job: JobRequest, on_step: StepCallback) -> None:
         marker = _GATE.search(job.prompt)
@@ -72,6 +80,7 @@ def install_gates() -> GateWait:
             time.sleep(_GATE_POLL_S)
 
     main._CancelBoard.cancel = noting_cancel  # type: ignore[method-assign]
+    main._CancelBoard.cancel_current = noting_cancel_current  # type: ignore[method-assign]
     return wait_for_gate
 
 
