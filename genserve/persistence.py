@@ -6,8 +6,9 @@ and returns. The ``genserve-persistence`` thread takes operations off the queue 
 one SQLite transaction; work that must follow the write (forgetting a finished job in memory, deleting its input
 files) runs after the commit, so a reader never sees a finished job fall back to an older stored state.
 
-A failing write is logged and the batch dropped (the job's in-memory state stays right); the thread never dies of
-it. ``flush()`` waits until everything queued so far is written (shutdown, tests).
+A batch that fails is written again one update at a time, so a bad update loses only itself (logged; the job's
+in-memory state stays right); the thread never dies of it. ``flush()`` waits until everything queued so far is
+written (shutdown, tests).
 """
 
 from __future__ import annotations
@@ -73,9 +74,6 @@ class PersistenceWriter:
         self._thread.join(timeout)
         self._stopped = True
 
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def _run(self) -> None:
         while True:
             first = self._queue.get()
@@ -99,7 +97,13 @@ class PersistenceWriter:
         try:
             self.store.apply([(write.job_id, write.columns) for write in writes])
         except Exception:
-            log.exception("writing %d job record update(s) failed; their records may be stale", len(writes))
+            # One bad update must not cost the others: write them one by one, and log only what still fails.
+            log.warning("a batch of %d job record update(s) failed; writing them one by one", len(writes))
+            for write in writes:
+                try:
+                    self.store.apply([(write.job_id, write.columns)])
+                except Exception:
+                    log.exception("writing job %s's record failed; it may be stale", write.job_id)
         for write in writes:
             if write.after_commit is None:
                 continue

@@ -177,14 +177,12 @@ class PoolSnapshot:
 
     status: str  # running | degraded | starting | stopping
     reason: str | None  # why not running, when it is not
-    accepting: bool
     workers: tuple[dict[str, Any], ...]  # per slot; ages as monotonic stamps, rendered by Supervisor.status()
     queue_size: int
     max_queue_size: int
     retry_after_s: int
     ready_workers: int
     total_restarts: int
-    published_at: float  # monotonic
 
 
 class Supervisor:
@@ -378,9 +376,6 @@ class Supervisor:
 
     # --- status (lock-free reads of the last snapshot) -------------------------------------------------------
 
-    def snapshot(self) -> PoolSnapshot:
-        return self._snapshot
-
     def ready_count(self) -> int:
         return self._snapshot.ready_workers
 
@@ -453,14 +448,12 @@ class Supervisor:
         return PoolSnapshot(
             status=status,
             reason=reason,
-            accepting=self._accepting,
             workers=workers,
             queue_size=len(self._queue),
             max_queue_size=self._queue.max_size,
             retry_after_s=self._retry_after_s(),
             ready_workers=sum(slot.loaded for slot in self._slots),
             total_restarts=sum(slot.restarts for slot in self._slots),
-            published_at=time.monotonic(),
         )
 
     def _overall_status(self) -> tuple[str, str | None]:

@@ -42,17 +42,24 @@ def test_writes_are_applied_in_order_and_after_commit_sees_them(tmp_path: Path) 
     writer.stop()
 
 
-def test_a_bad_write_is_logged_and_the_writer_goes_on(tmp_path: Path) -> None:
+def test_a_bad_write_costs_only_itself_and_the_writer_goes_on(tmp_path: Path) -> None:
     store = ResultStore(tmp_path)
     writer = PersistenceWriter(store)
-    writer.start()
-    store.insert(record("b"))
+    for job_id in ("b", "c"):
+        store.insert(record(job_id))
+    # Queued before the thread starts, so all three land in one batch.
+    writer.write("b", {"status": "running"})
     writer.write("b", {"no_such_column": 1})
+    writer.write("c", {"status": "completed"})
+    writer.start()
     assert writer.flush(10)
+    got_b, got_c = store.get("b"), store.get("c")
+    assert got_b is not None and got_b.status == "running"
+    assert got_c is not None and got_c.status == "completed"
     writer.write("b", {"status": "completed"})
     assert writer.flush(10)
-    got = store.get("b")
-    assert got is not None and got.status == "completed"
+    got_b = store.get("b")
+    assert got_b is not None and got_b.status == "completed"
     writer.stop()
 
 
