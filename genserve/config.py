@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from genserve.messages import ALL_MODES, Mode
+from genserve.messages import ALL_MODES, QUANTIZABLE, MemorySettings, Mode, Offload, Quantization, Strategy
 
 # Control modes of a union FLUX ControlNet (InstantX / Shakker-Labs Union order), by controlnet_type.
 CONTROL_MODES: dict[str, int] = {
@@ -196,6 +196,11 @@ class WorkersConfig(_Section):
     max_consecutive_oom: int = Field(
         3, ge=1, description="Out-of-memory failures in a row after which the worker restarts to get clean memory."
     )
+    device_memory_gb: float = Field(
+        0.0,
+        ge=0,
+        description="Device memory each worker plans against, in GB; 0: what the device reports free at start.",
+    )
 
     @field_validator("devices")
     @classmethod
@@ -208,6 +213,50 @@ class WorkersConfig(_Section):
             if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
                 raise ValueError(f"device {device!r} is neither 'cpu' nor 'cuda:N'")
         return devices
+
+
+class QuantizeConfig(_Section):
+    transformer: Quantization = Field("none", description="The base FLUX transformer (text2img, img2img, controlnet).")
+    fill: Quantization = Field("none", description="The FLUX.1-Fill transformer.")
+    controlnet: Quantization = Field("none", description="The ControlNet.")
+    text_encoder_2: Quantization = Field("none", description="The T5-XXL text encoder.")
+
+
+class MemoryConfig(_Section):
+    strategy: Strategy = Field(
+        "auto",
+        description="auto: take the first setting of the ladder that fits (pinned bf16 → quantise Fill and "
+        "ControlNet → quantise the base transformer → text encoders on the CPU → model CPU offload → group "
+        "offload); pinned: everything on the device as quantize says, or refuse to start; quantized: the "
+        "transformers quantised (auto_quantization) on the device, or refuse; offload: offload (model when none).",
+    )
+    quantize: QuantizeConfig = Field(
+        default_factory=QuantizeConfig,
+        description="Per component: none | fp8 (torchao, GPUs with fp8) | int8 (torchao weight-only) | nf4 "
+        "(bitsandbytes, CUDA). auto and quantized fill in only the components left at none.",
+    )
+    offload: Offload = Field(
+        "none",
+        description="none | text_encoders (T5 and CLIP on the CPU) | model (enable_model_cpu_offload) | group "
+        "(group offloading with CUDA streams). CUDA workers only; auto may offload more.",
+    )
+    auto_quantization: Literal["auto", "fp8", "int8", "nf4"] = Field(
+        "auto", description="What auto and quantized quantise with; auto: fp8 on GPUs that have it, else int8."
+    )
+    reserve_gb: float = Field(
+        0.0,
+        ge=0,
+        description="Device memory kept for activations; 0: computed for limits.max_size (genserve/memory_plan.py).",
+    )
+    group_offload_blocks: int = Field(1, ge=1, description="Transformer blocks per group under group offload.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MemoryConfig:
+        if self.strategy == "pinned" and self.offload != "none":
+            raise ValueError(
+                f"strategy pinned keeps every model on the device: offload must be none, not {self.offload}"
+            )
+        return self
 
 
 class QueueConfig(_Section):
@@ -349,6 +398,7 @@ class Config(_Section):
     fill: FillConfig = Field(default_factory=FillConfig)
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
@@ -370,6 +420,20 @@ class Config(_Section):
             if getattr(d, name) > lim.max_cfg:
                 raise ValueError(f"defaults.{name}={getattr(d, name)} is above limits.max_cfg={lim.max_cfg}")
         return self
+
+    def memory_settings(self) -> MemorySettings:
+        memory = self.memory
+        return MemorySettings(
+            strategy=memory.strategy,
+            quantize=tuple((name, getattr(memory.quantize, name)) for name in QUANTIZABLE),
+            offload=memory.offload,
+            auto_quantization=memory.auto_quantization,
+            reserve_gb=memory.reserve_gb,
+            device_memory_gb=self.workers.device_memory_gb,
+            max_width=self.limits.max_size,
+            max_height=self.limits.max_size,
+            group_offload_blocks=memory.group_offload_blocks,
+        )
 
     @property
     def uses_embedded_model(self) -> bool:

@@ -7,8 +7,8 @@ reports its path). Errors cross as an outcome enum, a type name and a message, n
 exception may not unpickle in the other process).
 
 Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, CancelJob, Shutdown.
-            worker → API: WorkerOutbound: WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted, JobProgress,
-            JobResult, JobFailure.
+            worker → API: WorkerOutbound: WorkerPlanned, WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted,
+            JobProgress, JobResult, JobFailure.
 Both ends dispatch on the unions with ``match`` and ``assert_never``, so mypy flags a message nobody handles.
 """
 
@@ -53,6 +53,90 @@ class ImageFile:
     mode: Literal["RGB", "L"]  # PIL mode: RGB for pictures, L (8-bit grey) for masks
 
 
+Quantization = Literal["none", "fp8", "int8", "nf4"]
+QUANTIZABLE = ("transformer", "fill", "controlnet", "text_encoder_2")  # components memory.quantize can name
+Offload = Literal["none", "text_encoders", "model", "group"]
+OFFLOAD_ORDER: tuple[Offload, ...] = ("none", "text_encoders", "model", "group")  # least to most memory saved
+Strategy = Literal["auto", "pinned", "quantized", "offload"]
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The operator's memory section, as the worker's planner needs it (see genserve.memory_plan)."""
+
+    strategy: Strategy  # auto walks the ladder; the others take exactly one setting or refuse to start
+    quantize: tuple[tuple[str, Quantization], ...]  # (component, quantization) for each of QUANTIZABLE
+    offload: Offload  # the least offload to use
+    auto_quantization: Literal["auto", "fp8", "int8", "nf4"]  # what the ladder quantises with; auto: fp8 or int8
+    reserve_gb: float  # activation reserve; 0: computed for the largest allowed size
+    device_memory_gb: float  # memory to plan against; 0: what the device reports free
+    max_width: int  # largest output the service accepts (limits.max_size): sizes the activation reserve
+    max_height: int
+    group_offload_blocks: int  # transformer blocks per group under group offload
+
+    def quantization_of(self, component: str) -> Quantization:
+        return dict(self.quantize).get(component, "none")
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One model of the worker, as the memory plan places it."""
+
+    name: str  # transformer, fill, controlnet, text_encoder, text_encoder_2, vae
+    params: int  # parameters
+    precision: str  # bf16, fp16, fp32, or the quantisation: int8, fp8, nf4
+    # device: pinned on the worker's device; cpu: kept and run on the host (text encoders); offload: kept on the host,
+    # moved whole to the device while it runs (model CPU offload); group: streamed to the device block group by group
+    placement: Literal["device", "cpu", "offload", "group"]
+    bytes: int  # its weights' bytes at that precision
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a worker fits its models on its device; made before a byte is loaded, shown in /status and /models."""
+
+    device: str  # cuda:N or cpu
+    strategy: Strategy  # what the operator asked for
+    setting: str  # the rung taken (auto) or the setting asked for, in words
+    fits: bool  # False: the worker refuses to load (the plan is its error)
+    quantize: tuple[tuple[str, Quantization], ...]  # effective quantisation per component
+    offload: Offload  # effective offload
+    components: tuple[ComponentPlan, ...]  # every enabled model
+    device_bytes: int  # peak device memory the plan needs: resident weights + reserve
+    reserve_bytes: int  # of which: activations of the largest allowed size, workspace, allocator slack
+    device_available_bytes: int  # what the device had free (or workers.device_memory_gb)
+    host_bytes: int  # host memory for weights kept on the CPU (0 when everything is on the device)
+    host_available_bytes: int  # host memory available when planned (0: not checked)
+    note: str  # why it does not fit and what would, or ""
+
+    def as_dict(self) -> dict[str, object]:
+        gb = 1e9
+        return {
+            "device": self.device,
+            "strategy": self.strategy,
+            "setting": self.setting,
+            "fits": self.fits,
+            "quantize": dict(self.quantize),
+            "offload": self.offload,
+            "device_gb": round(self.device_bytes / gb, 2),
+            "reserve_gb": round(self.reserve_bytes / gb, 2),
+            "device_available_gb": round(self.device_available_bytes / gb, 2),
+            "host_gb": round(self.host_bytes / gb, 2),
+            "host_available_gb": round(self.host_available_bytes / gb, 2) if self.host_available_bytes else None,
+            "components": [
+                {
+                    "name": c.name,
+                    "params_m": round(c.params / 1e6, 1),
+                    "precision": c.precision,
+                    "placement": c.placement,
+                    "gb": round(c.bytes / gb, 3),
+                }
+                for c in self.components
+            ],
+            "note": self.note or None,
+        }
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a worker process needs to start; passed as the process target's argument."""
@@ -66,6 +150,7 @@ class WorkerSpec:
     embedded_cache_dir: str  # where to build the embedded model; "" when a real model is configured
     modes: tuple[Mode, ...]  # modes to load and serve
     dtype: str  # "auto", "bfloat16", "float16" or "float32"
+    memory: MemorySettings  # how to fit the models on the device (planned before loading)
     cpu_threads: int  # torch threads on a CPU device; 0 leaves torch's default
     heartbeat_interval_s: float  # how often to send Heartbeat
     max_consecutive_oom: int  # out-of-memory failures in a row after which the worker exits to restart clean
@@ -108,6 +193,15 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class WorkerPlanned:
+    """The worker made its memory plan (before loading a byte); a plan that does not fit is followed by
+    WorkerStartupFailed with permanent=True."""
+
+    slot: int  # pool index
+    plan: MemoryPlan  # the plan
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     """All enabled pipelines are loaded; the worker takes jobs from now on."""
 
@@ -128,6 +222,8 @@ class WorkerStartupFailed:
     slot: int  # pool index
     error_type: str  # exception class name
     message: str  # exception text
+    permanent: bool = False  # True: retrying cannot help (the models do not fit, the hardware cannot do what the
+    # config asks): the slot is not respawned, so a worker never reloads tens of GB in a loop for nothing
 
 
 @dataclass(frozen=True)
@@ -186,4 +282,6 @@ EXIT_AFTER_OOM = 75  # EX_TEMPFAIL: workers.max_consecutive_oom out-of-memory fa
 EXIT_DEVICE_FATAL = 76  # a fatal device error poisoned the CUDA context; only a fresh process can use the GPU again
 
 WorkerInbound = JobRequest | CancelJob | Shutdown
-WorkerOutbound = WorkerReady | WorkerStartupFailed | Heartbeat | JobStarted | JobProgress | JobResult | JobFailure
+WorkerOutbound = (
+    WorkerPlanned | WorkerReady | WorkerStartupFailed | Heartbeat | JobStarted | JobProgress | JobResult | JobFailure
+)

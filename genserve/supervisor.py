@@ -13,15 +13,18 @@ monitor goes on detecting hangs and dispatching on every other slot. Under the l
 work that grows with the queue: queue operations are O(log n), job events only enqueue work for the persistence
 writer, and expiry reads a deadline heap.
 
-Channels: per worker one duplex pipe (JobRequest / CancelJob / Shutdown out; WorkerReady, WorkerStartupFailed,
-Heartbeat, JobStarted, JobProgress, JobResult, JobFailure in) and the process sentinel (readable once it exits).
+Channels: per worker one duplex pipe (JobRequest / CancelJob / Shutdown out; WorkerPlanned, WorkerReady,
+WorkerStartupFailed, Heartbeat, JobStarted, JobProgress, JobResult, JobFailure in) and the process sentinel
+(readable once it exits).
 
 Death of a worker: its job (recorded per slot) is re-queued once at the head of its priority; a job that was running
 on a second worker that died fails with WorkerDied, so a poison job cannot crash-loop the pool. The slot respawns
 on the same device after a doubling backoff. Within ``workers.max_restarts`` per ``restart_window_s`` that is all;
 once the budget is spent the slot does not give up: it retries every ``restart_backoff_max_s`` while /ready says
 "degraded" (Kubernetes' CrashLoopBackOff), or, with ``workers.on_budget_spent: exit``, the service exits non-zero so
-an orchestrator replaces it.
+an orchestrator replaces it. A worker whose memory plan does not fit its device (WorkerStartupFailed with
+permanent=True) is the exception: its slot is marked failed and never respawned, since the same plan would be
+refused again after reloading nothing but time.
 
 Workers start from a forkserver that has already imported torch, diffusers and transformers (``workers.preload``),
 so a respawn costs the model load and little else. Nothing touches CUDA before the fork.
@@ -74,10 +77,12 @@ from genserve.messages import (
     JobProgress,
     JobResult,
     JobStarted,
+    MemoryPlan,
     Mode,
     Shutdown,
     WorkerInbound,
     WorkerOutbound,
+    WorkerPlanned,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -98,6 +103,7 @@ class WorkerState(StrEnum):
     READY = "ready"  # idle, takes the next job
     BUSY = "busy"  # running a job
     DEAD = "dead"  # no process: waiting to respawn, or stopped
+    FAILED = "failed"  # its models cannot be loaded on its device (memory plan refused): never respawned
 
 
 class _Sender:
@@ -160,6 +166,8 @@ class WorkerSlot:
     load_time_s: float | None = None  # the last start's load time, as the worker measured it
     peak_rss_mb: float | None = None  # the last start's peak host memory while loading
     last_error: str | None = None  # why the slot's process last died or failed to start (kept after recovery)
+    memory_plan: MemoryPlan | None = None  # the last start's memory plan, as the worker reported it
+    refused: str | None = None  # the worker refused to load for a reason a retry cannot change: no respawn
     death_cause: str | None = None  # set just before a death we caused or were told about; read by _on_death
 
     @property
@@ -439,6 +447,7 @@ class Supervisor:
                 "load_time_s": slot.load_time_s,
                 "peak_rss_mb": slot.peak_rss_mb,
                 "last_error": slot.last_error,
+                "memory_plan": slot.memory_plan.as_dict() if slot.memory_plan else None,
                 "_last_heartbeat": slot.last_heartbeat,
                 "_respawn_at": slot.respawn_at,
             }
@@ -460,6 +469,13 @@ class Supervisor:
         if self._draining or self._stopping:
             return "stopping", "service is shutting down"
         loaded = sum(slot.loaded for slot in self._slots)
+        failed = [slot for slot in self._slots if slot.state is WorkerState.FAILED]
+        if failed:
+            status = "failed" if len(failed) == len(self._slots) else "degraded"
+            return status, (
+                f"{len(failed)} of {len(self._slots)} worker(s) cannot load the models and are not retried "
+                f"(see memory_plan in /status; memory.* in config.yaml): {self._refusals()}"
+            )
         spent = [slot for slot in self._slots if self._budget_left(slot) == 0 and not slot.loaded]
         if spent:
             cfg = self.config.workers
@@ -611,8 +627,13 @@ class Supervisor:
                     slot.death_cause = f"fatal device error ({message.error_type}: {message.message}); restarted"
             case WorkerReady():
                 self._on_ready(slot, message)
+            case WorkerPlanned():
+                slot.memory_plan = message.plan
             case WorkerStartupFailed():
-                slot.death_cause = f"startup failed: {message.error_type}: {message.message}"
+                first_line = message.message.splitlines()[0] if message.message else message.error_type
+                if message.permanent:
+                    slot.refused = first_line
+                slot.death_cause = f"startup failed: {message.error_type}: {first_line}"
                 log.error("worker %d could not start: %s: %s", slot.index, message.error_type, message.message)
             case _:
                 assert_never(message)
@@ -734,7 +755,24 @@ class Supervisor:
         slot.death_cause = None
         if job is not None:
             self._recover_job(job, slot)
+        if slot.refused is not None:
+            self._give_up_on(slot)
+            return
         self._schedule_respawn(slot)
+
+    def _give_up_on(self, slot: WorkerSlot) -> None:
+        """The worker refused to load for good (its memory plan does not fit): respawning would only reload the
+        same tens of GB to be refused again."""
+        slot.state = WorkerState.FAILED
+        log.error("worker %d is not respawned: %s", slot.index, slot.refused)
+        if all(other.state is WorkerState.FAILED for other in self._slots):
+            reason = f"no worker can load the models: {self._refusals()}"
+            if self.config.workers.on_budget_spent == "exit":
+                log.critical("%s; the service exits (workers.on_budget_spent is exit)", reason)
+                self._fatal = self._fatal or reason
+
+    def _refusals(self) -> str:
+        return "; ".join(f"worker {slot.index}: {slot.refused}" for slot in self._slots if slot.refused)
 
     def _recover_job(self, job: Job, slot: WorkerSlot) -> None:
         if job.schedule.cancel_reason is not None:
@@ -979,6 +1017,7 @@ class Supervisor:
             embedded_cache_dir=str(expand_path(cfg.model.embedded_cache_dir)) if embedded else "",
             modes=self.enabled_modes,
             dtype=cfg.model.dtype,
+            memory=cfg.memory_settings(),
             cpu_threads=self._cpu_threads if slot.device == "cpu" else 0,
             heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
             max_consecutive_oom=cfg.workers.max_consecutive_oom,

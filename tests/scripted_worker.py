@@ -6,7 +6,9 @@ seconds. What a job does is written in its prompt, as for tests/fault_worker.py:
 - ``[gate:NAME]``: hold before the first step until the test opens the gate (FAULT_GATE_DIR/NAME);
 - ``[crash]``: the process exits at once; ``[fail]``: the pipeline raises ValueError;
 - otherwise: each step is reported, and a small PNG is written to the job's output path.
-Startup fails (WorkerStartupFailed, exit 1) while the file FAIL_STARTUP exists in the configured model.path.
+Startup fails (WorkerStartupFailed, exit 1) while the file FAIL_STARTUP exists in the configured model.path; with
+REFUSE_PLAN there instead, the worker makes a real memory plan for the FLUX.1-dev family on a 1 GB card, reports it
+and refuses to load, as a worker whose models do not fit does.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ import io
 import os
 from multiprocessing.connection import Connection
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 
-from genserve.messages import JobRequest, Mode, WorkerSpec
+from genserve.messages import JobRequest, MemoryPlan, Mode, WorkerSpec
 from tests.fault_worker import install_gates
 
 FAIL_STARTUP = "FAIL_STARTUP"
+REFUSE_PLAN = "REFUSE_PLAN"
+
+
+def _plan_for_a_tiny_card(spec: WorkerSpec) -> MemoryPlan:
+    from genserve import memory_plan
+
+    shapes = memory_plan.shapes_from_family(memory_plan.enabled_components(spec.modes))
+    return memory_plan.plan_memory(spec.memory, shapes, memory_plan.card_device_info(1), "bf16")
 
 
 def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
@@ -35,9 +46,13 @@ def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
             self.device, self.modes, self.embedded = device, modes, False
 
         @classmethod
-        def load(cls, spec: WorkerSpec) -> ScriptedPipelines:
+        def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> ScriptedPipelines:
             if spec.model_path and (Path(spec.model_path) / FAIL_STARTUP).exists():
                 raise RuntimeError("injected startup failure")
+            if spec.model_path and (Path(spec.model_path) / REFUSE_PLAN).exists():
+                plan = _plan_for_a_tiny_card(spec)
+                on_plan(plan)
+                raise pipelines.MemoryPlanRefusedError(plan)
             return cls(spec.device, spec.modes)
 
         def run(self, job: JobRequest, on_step: Any) -> pipelines.JobOutput:

@@ -42,6 +42,7 @@ from genserve.messages import (
     JobStarted,
     Shutdown,
     WorkerInbound,
+    WorkerPlanned,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -207,10 +208,18 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     threading.Thread(target=_read_pipe, args=(conn, inbox, board, outbox), name="reader", daemon=True).start()
     threading.Thread(target=_beat, args=(outbox, spec), name="heartbeat", daemon=True).start()
 
-    try:
-        from workers.pipelines import PipelineSet
+    from workers.pipelines import MemoryPlanRefusedError, PipelineSet
 
-        pipelines = PipelineSet.load(spec)
+    try:
+        pipelines = PipelineSet.load(spec, on_plan=lambda plan: outbox.send(WorkerPlanned(slot=spec.slot, plan=plan)))
+    except MemoryPlanRefusedError as exc:  # no reload loop: the same plan would be refused again
+        log.error("%s", exc)
+        outbox.send(
+            WorkerStartupFailed(
+                slot=spec.slot, error_type="MemoryPlanRefused", message=str(exc)[:MAX_TEXT], permanent=True
+            )
+        )
+        sys.exit(1)
     except BaseException as exc:  # report why, then die: the supervisor decides about respawning
         log.exception("loading pipelines failed")
         outbox.send(WorkerStartupFailed(slot=spec.slot, error_type=type(exc).__name__, message=str(exc)[:MAX_TEXT]))

@@ -1,12 +1,16 @@
 """Pipeline loading and execution inside a worker process.
 
-All pipelines are loaded once and kept ("pinned") for the worker's life, sharing weights:
-- text2img: ``FluxPipeline.from_pretrained(model path)``;
+First the memory plan (genserve.memory_plan: from the folders' configs and the device's free memory, before a byte
+of weights is read), then every model is loaded as planned (workers.loading: quantised, on the GPU or the host).
+All pipelines are built once and kept for the worker's life, sharing those models:
+- text2img: ``FluxPipeline`` over the base folder's models;
 - img2img: ``FluxImg2ImgPipeline`` over the base's own modules (no extra memory);
 - fill: ``FluxFillPipeline`` with the FLUX.1-Fill transformer, sharing the base's text encoders and VAE;
 - controlnet: ``FluxControlNetPipeline`` over the base's modules plus the ControlNet, and the ControlNet img2img
   variant used when a job also carries an input image.
 The embedded random-weight model goes through exactly the same ``from_pretrained`` code as real FLUX.1-dev.
+Prompts are encoded by the worker (``encode_prompt``, where the text encoders live) and the pipelines get the
+embeddings: the same call the pipeline would make, so text encoders kept on the CPU cost nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ from typing import Any
 import torch
 
 from genserve.images import encode_png, image_file_to_pil
-from genserve.messages import FailureKind, JobRequest, Mode, WorkerSpec
+from genserve.memory_plan import (
+    TORCH_DTYPE_NAMES,
+    component_folders,
+    cpu_device_info,
+    cuda_device_info,
+    describe,
+    one_line,
+    plan_memory,
+    shapes_from_folders,
+)
+from genserve.messages import FailureKind, JobRequest, MemoryPlan, Mode, WorkerSpec
+from workers.loading import ModelPaths, Offloader, execution_device, load_models
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +69,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _transformer_folder(path: Path) -> tuple[Path, str | None]:
-    """A FLUX.1-Fill-dev repo folder keeps the transformer in transformer/; a bare transformer folder works too."""
-    if (path / "transformer" / "config.json").is_file():
-        return path, "transformer"
-    return path, None
-
-
 def quiet_library_noise() -> None:
     """Silence messages that say nothing to an operator (must run before diffusers is imported)."""
     # transformers: "CLIPImageProcessor requires torchvision" — Flux never uses an image processor.
@@ -68,6 +76,11 @@ def quiet_library_noise() -> None:
     # diffusers: "modules that should be kept in float32: []" on every from_pipe (an always-true check).
     logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+    # torchao (imported by diffusers whenever it is installed): "Failed to load …_C_cutlass_90a.so" for kernels of
+    # other GPUs, torch's "Enum subclass … register_constant" for its enums, and diffusers' "Unable to import
+    # torchao Tensor objects" (only matters for checkpoints saved quantised, which GenServe never loads).
+    for noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as transformers_logging
 
@@ -105,38 +118,79 @@ def classify_error(exc: BaseException) -> FailureKind:
 _SHARED_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-def _pipeline_placement(device: str) -> dict[str, Any]:
-    """from_pretrained arguments that put a pipeline's weights straight on a CUDA device (no full host copy).
+class MemoryPlanRefusedError(Exception):
+    """The models do not fit this device (or it cannot run what the config asks); retrying cannot help."""
 
-    diffusers accepts a device type for a pipeline's device_map; torch.cuda.set_device has made ours current."""
-    return {"device_map": "cuda"} if device.startswith("cuda") else {}
+    def __init__(self, plan: MemoryPlan) -> None:
+        super().__init__(f"{plan.device}: the models do not fit: {one_line(plan)}\n{describe(plan)}")
+        self.plan = plan
 
 
-def _model_placement(device: str) -> dict[str, Any]:
-    """The same for a single model, which takes the exact device."""
-    return {"device_map": device} if device.startswith("cuda") else {}
+def _model_paths(spec: WorkerSpec) -> tuple[ModelPaths, bool]:
+    """The folders to load (the embedded model's, built here on first use, when none is configured)."""
+    if spec.model_path:
+        fill = Path(spec.fill_path) if "fill" in spec.modes and spec.fill_path else None
+        controlnet = Path(spec.controlnet_path) if "controlnet" in spec.modes and spec.controlnet_path else None
+        return ModelPaths(base=Path(spec.model_path), fill=fill, controlnet=controlnet), False
+    from workers.embedded import ensure_embedded_model
+
+    built = ensure_embedded_model(Path(spec.embedded_cache_dir))
+    log.warning(
+        "serving the EMBEDDED RANDOM-WEIGHT TEST MODEL from %s: images are noise. "
+        "Set model.path to a FLUX.1-dev folder for real images.",
+        built.base,
+    )
+    return (
+        ModelPaths(
+            base=built.base,
+            fill=built.fill if "fill" in spec.modes else None,
+            controlnet=built.controlnet if "controlnet" in spec.modes else None,
+        ),
+        True,
+    )
+
+
+def make_plan(spec: WorkerSpec, paths: ModelPaths, dtype: torch.dtype) -> MemoryPlan:
+    """The worker's memory plan, from its folders' configs and its device's free memory (no weight read)."""
+    folders = component_folders(paths.base, paths.fill, paths.controlnet)
+    shapes = shapes_from_folders(folders)
+    if spec.device.startswith("cuda"):
+        device = cuda_device_info(spec.device, spec.memory.device_memory_gb)
+    else:
+        device = cpu_device_info(spec.memory.device_memory_gb)
+    return plan_memory(spec.memory, shapes, device, TORCH_DTYPE_NAMES[str(dtype).removeprefix("torch.")])
 
 
 class PipelineSet:
     """Every enabled pipeline of one worker, on one device."""
 
-    def __init__(self, device: str, modes: tuple[Mode, ...], pipes: dict[str, Any], embedded: bool) -> None:
+    def __init__(
+        self,
+        device: str,
+        modes: tuple[Mode, ...],
+        pipes: dict[str, Any],
+        embedded: bool,
+        plan: MemoryPlan,
+        offloader: Offloader,
+    ) -> None:
         self.device = device
         self.modes = modes
         self.embedded = embedded
+        self.plan = plan
         self._pipes = pipes
+        self._offloader = offloader
 
     @classmethod
-    def load(cls, spec: WorkerSpec) -> PipelineSet:
+    def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> PipelineSet:
+        """Plan, then load every enabled pipeline as planned; ``on_plan`` hears the plan before any weight loads.
+
+        Raises MemoryPlanRefusedError when the plan does not fit."""
         quiet_library_noise()
         from diffusers import (
             FluxControlNetImg2ImgPipeline,
-            FluxControlNetModel,
             FluxControlNetPipeline,
             FluxFillPipeline,
             FluxImg2ImgPipeline,
-            FluxPipeline,
-            FluxTransformer2DModel,
         )
         from diffusers.utils import logging as diffusers_logging
 
@@ -147,48 +201,45 @@ class PipelineSet:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         dtype = resolve_dtype(spec.dtype, device)
+        paths, embedded = _model_paths(spec)
+        plan = make_plan(spec, paths, dtype)
+        on_plan(plan)
+        if not plan.fits:
+            raise MemoryPlanRefusedError(plan)
+        log.info("%s", describe(plan))
 
-        model_path, fill_path, controlnet_path = spec.model_path, spec.fill_path, spec.controlnet_path
-        embedded = not model_path
-        if embedded:
-            from workers.embedded import ensure_embedded_model
-
-            paths = ensure_embedded_model(Path(spec.embedded_cache_dir))
-            model_path, fill_path, controlnet_path = str(paths.base), str(paths.fill), str(paths.controlnet)
-            log.warning(
-                "serving the EMBEDDED RANDOM-WEIGHT TEST MODEL from %s: images are noise. "
-                "Set model.path to a FLUX.1-dev folder for real images.",
-                model_path,
-            )
-
-        log.info("loading FLUX base pipeline from %s (%s, %s)", model_path, device, dtype)
-        # Placed on the device as it loads (device_map on CUDA; CPU is where weights load anyway), so no .to():
-        # that would walk every module again for nothing.
-        base = FluxPipeline.from_pretrained(model_path, dtype=dtype, **_pipeline_placement(device))
+        models = load_models(paths, plan, device, dtype)
+        base = models.base
         pipes: dict[str, Any] = {"text2img": base}
         # The other pipelines are built from the base's very modules (no copy, no cast): cheaper than from_pipe,
-        # which walks and casts every shared module again for each pipeline it makes.
+        # which walks and casts every shared module again for each pipeline it makes. A quantised transformer is
+        # shared quantised.
         shared = {name: getattr(base, name) for name in _SHARED_COMPONENTS}
         if "img2img" in spec.modes:
             pipes["img2img"] = FluxImg2ImgPipeline(**shared, transformer=base.transformer)
-        if "fill" in spec.modes:
-            folder, subfolder = _transformer_folder(Path(fill_path))
-            log.info("loading Fill transformer from %s", folder / (subfolder or ""))
-            fill_transformer = FluxTransformer2DModel.from_pretrained(
-                folder, subfolder=subfolder, dtype=dtype, **_model_placement(device)
-            )
-            pipes["fill"] = FluxFillPipeline(**shared, transformer=fill_transformer)
-        if "controlnet" in spec.modes:
-            log.info("loading ControlNet from %s", controlnet_path)
-            controlnet = FluxControlNetModel.from_pretrained(controlnet_path, dtype=dtype, **_model_placement(device))
+        if models.fill_transformer is not None:
+            pipes["fill"] = FluxFillPipeline(**shared, transformer=models.fill_transformer)
+        if models.controlnet is not None:
+            controlnet = models.controlnet
             pipes["controlnet"] = FluxControlNetPipeline(**shared, transformer=base.transformer, controlnet=controlnet)
             pipes["controlnet_img2img"] = FluxControlNetImg2ImgPipeline(
                 **shared, transformer=base.transformer, controlnet=controlnet
             )
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
+        offloader = Offloader(plan, device, spec.memory.group_offload_blocks)
+        offloader.install(
+            {
+                "text_encoder": base.text_encoder,
+                "text_encoder_2": base.text_encoder_2,
+                "vae": base.vae,
+                "transformer": base.transformer,
+                "fill": models.fill_transformer,
+                "controlnet": models.controlnet,
+            }
+        )
         modes = tuple(mode for mode in spec.modes if mode in pipes)
-        return cls(device=device, modes=modes, pipes=pipes, embedded=embedded)
+        return cls(device=device, modes=modes, pipes=pipes, embedded=embedded, plan=plan, offloader=offloader)
 
     def run(self, job: JobRequest, on_step: StepCallback) -> JobOutput:
         """Run one job; ``on_step`` may raise to stop the denoising loop at once."""
@@ -203,9 +254,12 @@ class PipelineSet:
 
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         began = time.perf_counter()
+        self._offloader.before_job(pipe)
         with torch.inference_mode():
+            prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, job.prompt)
             image = pipe(
-                prompt=job.prompt,
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
                 width=job.width,
                 height=job.height,
                 num_inference_steps=job.num_inference_steps,
@@ -225,6 +279,16 @@ class PipelineSet:
             pipeline_s=pipeline_s,
             encode_s=time.perf_counter() - began - pipeline_s,
         )
+
+    def _encode_prompt(self, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 and CLIP embeddings of the prompt, computed where the text encoders live and moved to where the job
+        runs (the same encode_prompt call the pipeline would make itself)."""
+        prompt_embeds, pooled_prompt_embeds, _text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self._offloader.encode_device(pipe), max_sequence_length=512
+        )
+        target = execution_device(pipe)
+        dtype = pipe.transformer.dtype
+        return prompt_embeds.to(target, dtype), pooled_prompt_embeds.to(target, dtype)
 
     def _arguments(self, job: JobRequest) -> tuple[str, dict[str, Any]]:
         """Which pipeline runs the job, and the mode-specific keyword arguments."""

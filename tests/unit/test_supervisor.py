@@ -21,7 +21,7 @@ from genserve.jobs import Job, JobState
 from genserve.messages import CancelReason, JobRequest
 from genserve.supervisor import Supervisor, WorkerState
 from tests.conftest import Gates
-from tests.scripted_worker import FAIL_STARTUP, run_scripted_worker
+from tests.scripted_worker import FAIL_STARTUP, REFUSE_PLAN, run_scripted_worker
 from tests.server import wait_until
 
 WAIT_S = 30  # generous bound for anything a test waits for; passing runs take a fraction of it
@@ -204,6 +204,38 @@ def test_on_budget_spent_exit_asks_the_service_to_exit(pool: PoolFactory, model_
     assert supervisor.fatal_reason == reasons[0]
     time.sleep(0.5)  # no further respawn is scheduled
     assert worker(supervisor)["restarts"] == 1 and worker(supervisor)["state"] == WorkerState.DEAD.value
+
+
+def test_a_refused_memory_plan_fails_the_slot_once_and_is_never_reloaded(
+    pool: PoolFactory, model_dir: Path
+) -> None:
+    (model_dir / REFUSE_PLAN).touch()
+    supervisor = pool(max_restarts=10, restart_backoff_s=0.01, restart_backoff_max_s=0.05)
+    wait_until(lambda: worker(supervisor)["state"] == WorkerState.FAILED.value, WAIT_S, 0.01, "the refusal")
+    time.sleep(0.5)  # at this backoff a reload loop would have respawned it several times by now
+    view = worker(supervisor)
+    assert view["state"] == WorkerState.FAILED.value and view["restarts"] == 0
+    plan = view["memory_plan"]
+    assert plan["fits"] is False and plan["device"] == "1 GB card"
+    assert {component["name"] for component in plan["components"]} == {
+        "text_encoder",
+        "text_encoder_2",
+        "vae",
+        "transformer",
+    }
+    status = supervisor.status()
+    assert status["status"] == "failed"
+    assert "cannot load the models" in status["reason"] and "do not fit" in status["reason"]
+    assert supervisor.ready_count() == 0
+
+
+def test_a_refused_plan_under_on_budget_spent_exit_asks_the_service_to_exit(pool: PoolFactory, model_dir: Path) -> None:
+    (model_dir / REFUSE_PLAN).touch()
+    reasons: list[str] = []
+    supervisor = pool(on_budget_spent="exit", on_fatal=reasons.append)
+    wait_until(lambda: reasons, WAIT_S, 0.01, "the fatal callback")
+    assert reasons[0].startswith("no worker can load the models: worker 0:")
+    assert worker(supervisor)["restarts"] == 0
 
 
 def test_drain_lets_a_running_job_finish_and_refuses_new_work(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
