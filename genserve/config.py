@@ -199,7 +199,7 @@ class WorkersConfig(_Section):
     device_memory_gb: float = Field(
         0.0,
         ge=0,
-        description="Device memory each worker plans against, in GB; 0: what the device reports free at start.",
+        description="Device memory each worker plans against, in GiB (a '24 GB' card has 24); 0: what it reports free.",
     )
 
     @field_validator("devices")
@@ -246,7 +246,7 @@ class MemoryConfig(_Section):
     reserve_gb: float = Field(
         0.0,
         ge=0,
-        description="Device memory kept for activations; 0: computed for limits.max_size (genserve/memory_plan.py).",
+        description="Device memory (GiB) kept for activations; 0: computed for limits.max_size (see memory_plan.py).",
     )
     group_offload_blocks: int = Field(1, ge=1, description="Transformer blocks per group under group offload.")
 

@@ -14,8 +14,8 @@ The strategies:
 
 Bytes, per model: parameters of ``nn.Linear`` layers (what quantisers convert) at the quantised width plus their
 scales, everything else (biases, norms, embeddings, convolutions) at the model dtype. Quantised widths: int8 and
-fp8 1 byte per weight plus one 4-byte scale per output row (torchao); nf4 half a byte per weight plus one 4-byte
-absmax per block of 64 (bitsandbytes without double quantisation).
+fp8 1 byte per weight plus a scale (and for int8 a zero point) per output row (torchao); nf4 half a byte per weight
+plus one 4-byte absmax per block of 64 (bitsandbytes without double quantisation).
 
 The activation reserve (``memory.reserve_gb`` overrides it) is sized for the largest output the service accepts
 (limits.max_size squared) and is the larger of the two phases, which never overlap:
@@ -51,14 +51,18 @@ from genserve.messages import (
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
-GIB = 2**30
+GIB = 2**30  # every size here is in GiB, as nvidia-smi counts (its MiB) and as cards are sold ("24 GB" = 24 GiB)
+CUDA_CONTEXT_BYTES = GIB // 2  # what the CUDA context and driver take before a worker plans (the plan CLI's guess)
 RESERVE_CUDA_FIXED = 1 * GIB  # workspaces, the CUDA caching allocator's slack
 RESERVE_BLOCK_WIDTHS = 16  # live activations of one transformer block, in hidden widths per token
 RESERVE_VAE_MAPS = 6  # full-resolution decoder feature maps alive at once
 TEXT_TOKENS = 512  # T5 tokens that join the image tokens in every transformer block
-QUANT_SCALE_BYTES = 4  # one float32 scale per output row (int8, fp8) or per nf4 block
+# Per output row of a quantised Linear: int8 (torchao) keeps a float32 scale and an int8 zero point, fp8 (per-row
+# granularity) a float32 scale. nf4 (bitsandbytes) keeps a float32 absmax per block of NF4_BLOCK weights.
+INT8_ROW_BYTES = 5
+FP8_ROW_BYTES = 4
 NF4_BLOCK = 64
+NF4_BLOCK_BYTES = 4
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -95,8 +99,9 @@ class ComponentShape:
             return self.linear_params * dtype_bytes + other
         if precision == "nf4":
             blocks = -(-self.linear_params // NF4_BLOCK)
-            return self.linear_params // 2 + blocks * QUANT_SCALE_BYTES + other
-        return self.linear_params + self.linear_rows * QUANT_SCALE_BYTES + other
+            return self.linear_params // 2 + blocks * NF4_BLOCK_BYTES + other
+        row_bytes = INT8_ROW_BYTES if precision == "int8" else FP8_ROW_BYTES
+        return self.linear_params + self.linear_rows * row_bytes + other
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ def cuda_device_info(device: str, override_gb: float) -> DeviceInfo:
     return DeviceInfo(
         name=device,
         is_cuda=True,
-        available_bytes=int(override_gb * GB) if override_gb else int(free),
+        available_bytes=int(override_gb * GIB) if override_gb else int(free),
         host_available_bytes=int(psutil.virtual_memory().available),
         has_fp8=(major, minor) >= (8, 9),
         capability=f"{major}.{minor}",
@@ -278,7 +283,7 @@ def cuda_device_info(device: str, override_gb: float) -> DeviceInfo:
 def cpu_device_info(override_gb: float) -> DeviceInfo:
     import psutil
 
-    available = int(override_gb * GB) if override_gb else int(psutil.virtual_memory().available)
+    available = int(override_gb * GIB) if override_gb else int(psutil.virtual_memory().available)
     return DeviceInfo(
         name="cpu",
         is_cuda=False,
@@ -292,12 +297,13 @@ def cpu_device_info(override_gb: float) -> DeviceInfo:
 
 
 def card_device_info(memory_gb: float, fp8: bool = True, host_gb: float = 0.0) -> DeviceInfo:
-    """A hypothetical N-GB CUDA card, for ``python -m genserve plan`` (no GPU touched)."""
+    """A hypothetical N-GiB CUDA card, for ``python -m genserve plan`` (no GPU touched): a worker would find
+    about CUDA_CONTEXT_BYTES less than that free."""
     return DeviceInfo(
         name=f"{memory_gb:g} GB card",
         is_cuda=True,
-        available_bytes=int(memory_gb * GB),
-        host_available_bytes=int(host_gb * GB),
+        available_bytes=int(memory_gb * GIB) - CUDA_CONTEXT_BYTES,
+        host_available_bytes=int(host_gb * GIB),
         has_fp8=fp8,
         capability="",
         has_torchao=True,
@@ -492,15 +498,15 @@ def _shortfall(plan: MemoryPlan) -> str:
         return plan.note
     if plan.device_bytes > plan.device_available_bytes:
         return (
-            f"needs {plan.device_bytes / GB:.1f} GB on {plan.device}, "
-            f"{plan.device_available_bytes / GB:.1f} GB available"
+            f"needs {plan.device_bytes / GIB:.1f} GiB on {plan.device}, "
+            f"{plan.device_available_bytes / GIB:.1f} GiB available"
         )
-    return f"needs {plan.host_bytes / GB:.1f} GB of host memory, {plan.host_available_bytes / GB:.1f} GB available"
+    return f"needs {plan.host_bytes / GIB:.1f} GiB of host memory, {plan.host_available_bytes / GIB:.1f} GiB available"
 
 
 def _reserve(settings: MemorySettings, shapes: dict[str, ComponentShape], device: DeviceInfo, dtype: str) -> int:
     if settings.reserve_gb:
-        return int(settings.reserve_gb * GB)
+        return int(settings.reserve_gb * GIB)
     return activation_reserve_bytes(shapes, settings.max_width, settings.max_height, DTYPE_BYTES[dtype], device.is_cuda)
 
 
@@ -528,7 +534,7 @@ def plan_memory(
     if plan.fits:
         return plan
     if first_fit is not None:
-        what = f"memory.strategy: auto would take {first_fit.setting!r} ({first_fit.device_bytes / GB:.1f} GB)"
+        what = f"memory.strategy: auto would take {first_fit.setting!r} ({first_fit.device_bytes / GIB:.1f} GiB)"
     else:
         what = "no setting fits this device"
     return replace(plan, note=f"{_shortfall(plan)}; {what}")
@@ -540,15 +546,15 @@ def plan_memory(
 def describe(plan: MemoryPlan) -> str:
     """The plan as an operator reads it in the log and in the plan CLI."""
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    host = f", host {plan.host_bytes / GB:.1f} GB" if plan.host_bytes else ""
+    host = f", host {plan.host_bytes / GIB:.1f} GiB" if plan.host_bytes else ""
     lines = [
         f"memory plan for {plan.device}: strategy {plan.strategy} -> {plan.setting}: {verdict}: "
-        f"{plan.device_bytes / GB:.1f} GB of {plan.device_available_bytes / GB:.1f} GB "
-        f"(activation reserve {plan.reserve_bytes / GB:.1f} GB){host}",
-        f"  {'component':<16}{'params':>10}  {'precision':<10}{'placement':<10}{'GB':>8}",
+        f"{plan.device_bytes / GIB:.1f} GiB of {plan.device_available_bytes / GIB:.1f} GiB "
+        f"(activation reserve {plan.reserve_bytes / GIB:.1f} GiB){host}",
+        f"  {'component':<16}{'params':>10}  {'precision':<10}{'placement':<10}{'GiB':>8}",
     ]
     for c in plan.components:
-        lines.append(f"  {c.name:<16}{c.params / 1e6:>9.0f}M  {c.precision:<10}{c.placement:<10}{c.bytes / GB:>8.2f}")
+        lines.append(f"  {c.name:<16}{c.params / 1e6:>9.0f}M  {c.precision:<10}{c.placement:<10}{c.bytes / GIB:>8.2f}")
     if plan.note:
         lines.append(f"  {plan.note}")
     return "\n".join(lines)
@@ -556,5 +562,7 @@ def describe(plan: MemoryPlan) -> str:
 
 def one_line(plan: MemoryPlan) -> str:
     """The plan's gist, for /ready's reason and error messages."""
-    gist = f"{plan.setting} needs {plan.device_bytes / GB:.1f} GB, {plan.device_available_bytes / GB:.1f} GB available"
+    gist = (
+        f"{plan.setting} needs {plan.device_bytes / GIB:.1f} GiB, {plan.device_available_bytes / GIB:.1f} GiB available"
+    )
     return f"{gist} ({plan.note})" if plan.note else gist

@@ -110,7 +110,7 @@ class MemoryPlan:
     note: str  # why it does not fit and what would, or ""
 
     def as_dict(self) -> dict[str, object]:
-        gb = 1e9
+        gib = 2**30
         return {
             "device": self.device,
             "strategy": self.strategy,
@@ -118,18 +118,18 @@ class MemoryPlan:
             "fits": self.fits,
             "quantize": dict(self.quantize),
             "offload": self.offload,
-            "device_gb": round(self.device_bytes / gb, 2),
-            "reserve_gb": round(self.reserve_bytes / gb, 2),
-            "device_available_gb": round(self.device_available_bytes / gb, 2),
-            "host_gb": round(self.host_bytes / gb, 2),
-            "host_available_gb": round(self.host_available_bytes / gb, 2) if self.host_available_bytes else None,
+            "device_gib": round(self.device_bytes / gib, 2),
+            "reserve_gib": round(self.reserve_bytes / gib, 2),
+            "device_available_gib": round(self.device_available_bytes / gib, 2),
+            "host_gib": round(self.host_bytes / gib, 2),
+            "host_available_gib": round(self.host_available_bytes / gib, 2) if self.host_available_bytes else None,
             "components": [
                 {
                     "name": c.name,
                     "params_m": round(c.params / 1e6, 1),
                     "precision": c.precision,
                     "placement": c.placement,
-                    "gb": round(c.bytes / gb, 3),
+                    "gib": round(c.bytes / gib, 3),
                 }
                 for c in self.components
             ],
