@@ -1,4 +1,5 @@
 """``python -m genserve [--config PATH]``: load the configuration, then serve with uvicorn (API process).
+``python -m genserve plan --memory-gb N``: print the memory plan for an N-GB card instead (genserve.plan_cli).
 
 Stopping: the first SIGTERM or SIGINT starts a drain (genserve.service) while the HTTP server keeps answering —
 new jobs get 503 with Retry-After in their route's error shape, running jobs may finish within
@@ -62,7 +63,11 @@ class GenServeServer(uvicorn.Server):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="genserve", description="Serve FLUX.1-dev from a pool of GPU workers.")
+    parser = argparse.ArgumentParser(
+        prog="genserve",
+        description="Serve FLUX.1-dev from a pool of GPU workers. "
+        "'genserve plan --memory-gb N' prints the memory plan for an N-GB card instead.",
+    )
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -73,8 +78,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = None) -> int:
-    """Serve. ``worker_target`` replaces the worker process's entry point (fault-injection tests only)."""
-    args = _parse_args(argv)
+    """Serve (or ``plan``: see genserve.plan_cli). ``worker_target`` replaces the worker process's entry point
+    (fault-injection tests only)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["plan"]:
+        from genserve import plan_cli
+
+        return plan_cli.main(arguments[1:])
+    args = _parse_args(arguments)
     try:
         path = resolve_config_path(args.config)
         config = load_config(path)

@@ -16,10 +16,11 @@ from fastapi import Depends, FastAPI
 
 from genserve import __version__
 from genserve.auth import KeyRing, authorize
-from genserve.config import Config, expand_path
+from genserve.config import Config, ConfigError, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
+from genserve.memory_plan import startup_problems
 from genserve.middleware import BodySizeLimit
 from genserve.retention import Retention
 from genserve.routes import compat, native, openai, process
@@ -40,6 +41,9 @@ def create_app(
     for note in notes:
         log.warning(note)
     devices = devices if devices is not None else resolve_devices(config)
+    problems = startup_problems(config.memory_settings(), devices)
+    if problems:
+        raise ConfigError("memory settings this hardware cannot run: " + "; ".join(problems))
     store = ResultStore(expand_path(config.results.dir))
     interrupted = store.fail_interrupted()
     if interrupted:

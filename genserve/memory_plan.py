@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from genserve.library_noise import quiet_library_noise
 from genserve.messages import (
     OFFLOAD_ORDER,
     QUANTIZABLE,
@@ -142,6 +143,7 @@ def _quiet_model_construction() -> Iterator[None]:
 
 def _meta_model(config: dict[str, Any]) -> Any:
     """The model a config describes, its parameters on the meta device (no memory, no weights read)."""
+    quiet_library_noise()
     from accelerate import init_empty_weights
 
     with _quiet_model_construction(), init_empty_weights():
@@ -398,6 +400,31 @@ def unsupported(setting: Setting, device: DeviceInfo, names: Iterable[str]) -> l
             problems.append(f"{quantization} ({name}) needs the torchao package: pip install torchao")
     if setting.offload != "none" and not device.is_cuda:
         problems.append(f"offload: {setting.offload} moves models between host and GPU; a CPU worker has no GPU")
+    return list(dict.fromkeys(problems))
+
+
+def startup_problems(settings: MemorySettings, devices: Iterable[str]) -> list[str]:
+    """What the API process can refuse before any worker starts: fp8, nf4 or offload asked of CPU workers, and a
+    missing quantisation package. (A GPU's fp8 support is checked by its worker, which owns the device.)"""
+    problems: list[str] = []
+    for name in dict.fromkeys(devices):
+        is_cuda = name.startswith("cuda")
+        device = DeviceInfo(
+            name=name,
+            is_cuda=is_cuda,
+            available_bytes=0,
+            host_available_bytes=0,
+            has_fp8=is_cuda,
+            capability="",
+            has_torchao=installed("torchao"),
+            has_bitsandbytes=installed("bitsandbytes"),
+        )
+        setting = (
+            Setting("as configured", _explicit(settings), settings.offload)
+            if settings.strategy == "auto"
+            else requested_setting(settings, device)
+        )
+        problems.extend(f"{name}: {problem}" for problem in unsupported(setting, device, QUANTIZABLE))
     return list(dict.fromkeys(problems))
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from PIL import Image

@@ -19,7 +19,6 @@ import gc
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from genserve.images import encode_png, image_file_to_pil
+from genserve.library_noise import quiet_library_noise
 from genserve.memory_plan import (
     TORCH_DTYPE_NAMES,
     component_folders,
@@ -67,26 +67,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def quiet_library_noise() -> None:
-    """Silence messages that say nothing to an operator (must run before diffusers is imported)."""
-    # transformers: "CLIPImageProcessor requires torchvision" — Flux never uses an image processor.
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    # diffusers: "modules that should be kept in float32: []" on every from_pipe (an always-true check).
-    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
-    # torchao (imported by diffusers whenever it is installed): "Failed to load …_C_cutlass_90a.so" for kernels of
-    # other GPUs, torch's "Enum subclass … register_constant" for its enums, and diffusers' "Unable to import
-    # torchao Tensor objects" (only matters for checkpoints saved quantised, which GenServe never loads).
-    for noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per module
-    except ImportError:
-        pass
 
 
 # Messages of CUDA errors after which the context is unusable: every later kernel launch fails too.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 
-from workers.pipelines import quiet_library_noise
+from genserve.library_noise import quiet_library_noise
 
 quiet_library_noise()  # before diffusers is imported, so its import-time warnings stay quiet too
 

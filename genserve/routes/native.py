@@ -138,6 +138,11 @@ async def models(request: Request) -> list[dict[str, Any]]:
         if embedded
         else "Black Forest Labs FLUX.1-dev model for high-quality image generation"
     )
+    plans = [
+        {"slot": worker["slot"], **worker["memory_plan"]}
+        for worker in service.supervisor.status()["workers"]
+        if worker["memory_plan"] is not None
+    ]
     return [
         {
             "model_id": config.model.id,
@@ -147,6 +152,8 @@ async def models(request: Request) -> list[dict[str, Any]]:
             "available_gpu_processes": service.supervisor.ready_count(),
             "supported_features": [FEATURES[mode] for mode in service.modes],
             "embedded_test_model": embedded,
+            # How each worker fits the model on its device (precision and placement per component).
+            "memory_plans": plans,
         }
     ]
 

@@ -206,9 +206,7 @@ def test_on_budget_spent_exit_asks_the_service_to_exit(pool: PoolFactory, model_
     assert worker(supervisor)["restarts"] == 1 and worker(supervisor)["state"] == WorkerState.DEAD.value
 
 
-def test_a_refused_memory_plan_fails_the_slot_once_and_is_never_reloaded(
-    pool: PoolFactory, model_dir: Path
-) -> None:
+def test_a_refused_memory_plan_fails_the_slot_once_and_is_never_reloaded(pool: PoolFactory, model_dir: Path) -> None:
     (model_dir / REFUSE_PLAN).touch()
     supervisor = pool(max_restarts=10, restart_backoff_s=0.01, restart_backoff_max_s=0.05)
     wait_until(lambda: worker(supervisor)["state"] == WorkerState.FAILED.value, WAIT_S, 0.01, "the refusal")
