@@ -162,13 +162,20 @@ class Offloader:
             if self._placement.get(name) != "group":
                 module.to(self.device)
                 continue
-            log.info("group offloading %s (%d block(s) per group, CUDA streams)", name, self._blocks)
+            # Block level needs the blocks as a ModuleList child of the module itself, as diffusers' transformers
+            # have them; T5's sit one level down (encoder.block), so it streams leaf by leaf instead.
+            block_level = hasattr(module, "transformer_blocks")
+            log.info(
+                "group offloading %s (%s, CUDA streams)",
+                name,
+                f"{self._blocks} block(s) per group" if block_level else "leaf modules",
+            )
             apply_group_offloading(
                 module,
                 onload_device=torch.device(self.device),
                 offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=self._blocks,
+                offload_type="block_level" if block_level else "leaf_level",
+                num_blocks_per_group=self._blocks if block_level else None,
                 use_stream=True,
             )
 
