@@ -130,6 +130,7 @@ class MemoryPlan:
                     "precision": c.precision,
                     "placement": c.placement,
                     "gib": round(c.bytes / gib, 3),
+                    "bytes": c.bytes,
                 }
                 for c in self.components
             ],

@@ -72,7 +72,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -89,19 +88,18 @@ import psutil
 import requests
 
 from _procs import api_process_of, listens_on
+from _server import LocalServer, ServerError, local_server
 
 OVERHEAD_TARGET_MS = 10.0  # service overhead, p50
 DISPATCH_TARGET_MS = 2.0  # queue_s, p50
 POLL_INTERVAL_S = 0.005  # /status polling during kill trials
 PROMPT = "a lighthouse on a cliff at dusk, benchmark request"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # phase 3 runs ``python -m genserve`` from here
 RETENTION_SIZE = 128  # phase 3 requests: dispatch is what it measures, not the model
 RETENTION_STEPS = 2
 RETENTION_AGE_S = 30 * 86400  # seeded jobs were submitted this long ago (the default max_age_hours is 168)
 RETENTION_POLL_S = 0.05  # row count polling during the retention pass
 SERVER_START_TIMEOUT_S = 600.0  # phase 3's server: until /ready (the first start builds the embedded model)
-SERVER_STOP_TIMEOUT_S = 60.0  # after SIGTERM, then SIGKILL to its process group
 
 
 class BenchError(Exception):
@@ -549,107 +547,33 @@ def print_kill(figures: dict[str, dict[str, float]], trials: list[KillTrial], be
 # --- phase 3: retention --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_server_config(folder: Path, port: int, args: argparse.Namespace) -> Path:
-    """The phase 3 server's config.yaml (written as JSON, which YAML reads): only what differs from the defaults."""
-    config = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "info", "shutdown_grace_s": 10},
+def server_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The phase 3 server's config: only what differs from the defaults (tools/_server.py adds host and port)."""
+    return {
+        "server": {"shutdown_grace_s": 10},
         "model": {"embedded_cache_dir": str(args.embedded_cache)},
         # A worker that cannot start ends the server (and so the phase) at once, instead of retrying for ever.
         "workers": {"cpu_workers": 1, "max_restarts": 2, "on_budget_spent": "exit"},
         "defaults": {"width": RETENTION_SIZE, "height": RETENTION_SIZE, "num_inference_steps": RETENTION_STEPS},
-        "results": {"dir": str(folder / "results"), "cleanup_interval_s": args.retention_interval},
+        "results": {"cleanup_interval_s": args.retention_interval},
     }
-    path = folder / "config.yaml"
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
-
-
-class OwnServer:
-    """``python -m genserve`` on a free port with a config in ``folder``; its output goes to folder/server.log."""
-
-    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = write_server_config(folder, self.port, args)
-        self.database = folder / "results" / "jobs.sqlite3"
-        self.log_path = folder / "server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}  # the config file decides
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "genserve", "--config", str(self.config_path)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C of the bench does not reach it: stop() does the stopping
-            )
-        self._wait_ready(self.process)
-
-    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
-        session = requests.Session()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise BenchError(f"own server exited with status {process.returncode} before it was ready")
-            try:
-                answer = session.get(f"{self.url}/ready", timeout=2)
-                if answer.status_code == 200:
-                    return
-                why = answer.text[:300]
-            except requests.RequestException as exc:
-                why = str(exc)
-            if time.monotonic() > deadline:
-                raise BenchError(f"own server not ready within {SERVER_START_TIMEOUT_S:g} s: {why}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM and wait for the drain; SIGKILL if it does not exit in time. No worker may outlive it."""
-        if self.process is None:
-            return
-        try:
-            descendants = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print("bench_overhead: own server ignored SIGTERM; killing it", file=sys.stderr)
-                self.process.kill()
-                self.process.wait()
-        for child in descendants:  # psutil checks the pid still names the same process before it signals
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 @contextmanager
-def own_server(args: argparse.Namespace) -> Iterator[OwnServer]:
+def own_server(args: argparse.Namespace) -> Iterator[LocalServer]:
     """A server of the bench's own in a temporary folder, stopped (and the folder removed) whatever happens."""
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as folder:
-        server = OwnServer(Path(folder), args)
+        config = server_config(args)
+        config["results"]["dir"] = str(Path(folder) / "results")
         try:
-            server.start()
-            yield server
-        except BenchError as exc:
-            raise BenchError(f"{exc}\n--- own server log, last lines ---\n{server.log_tail()}") from None
-        finally:
-            server.stop()
+            with local_server(config, SERVER_START_TIMEOUT_S, Path(folder)) as server:
+                yield server
+        except ServerError as exc:
+            raise BenchError(f"own server: {exc}") from None
+
+
+def database_of(server: LocalServer) -> Path:
+    return Path(server.config["results"]["dir"]) / "jobs.sqlite3"
 
 
 JOB_COLUMNS = (
@@ -864,18 +788,19 @@ def run_retention(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  measuring {args.retention_window:g} s without retention", file=sys.stderr)
         baseline = measure(server.url, args)
         older_than = time.time() - RETENTION_AGE_S / 2
-        with contextlib.closing(sqlite3.connect(server.database, timeout=30)) as conn:
+        database = database_of(server)
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as conn:
             rows_before, old_before = count_rows(conn), count_rows(conn, older_than)
-        seed_s = seed_old_jobs(server.database, args.retention_records)
+        seed_s = seed_old_jobs(database, args.retention_records)
         seeded_at = time.perf_counter()
         print(f"  seeded {args.retention_records} old records in {seed_s:.2f} s; measuring", file=sys.stderr)
-        watch = PassWatch(server.database, older_than, old_before + args.retention_records, old_before)
+        watch = PassWatch(database, older_than, old_before + args.retention_records, old_before)
         watch.start()
         try:
             during = measure(server.url, args, watch)
         finally:
             watch.stop()
-        with contextlib.closing(sqlite3.connect(server.database, timeout=30)) as conn:
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as conn:
             rows_after = count_rows(conn)
     assert watch.first_drop is not None and watch.done is not None  # measure() returns only once the pass is over
     report = {

@@ -329,3 +329,38 @@ def test_estimates_for_the_embedded_model_match_the_bytes_allocated(embedded_pat
     assert precisions["transformer"] == ("int8" if quantized else "fp32")
     assert precisions["fill"] == precisions["controlnet"] == precisions["transformer"]
     assert precisions["text_encoder_2"] == "fp32"
+
+
+def test_pipelines_share_the_quantised_transformer(embedded_cache: Path) -> None:
+    """img2img and both ControlNet pipelines run on the base's own (quantised) transformer: no second copy."""
+    from genserve.messages import WorkerSpec
+    from workers.pipelines import PipelineSet
+
+    config = Config.model_validate({"memory": {"strategy": "quantized", "auto_quantization": "int8"}})
+    spec = WorkerSpec(
+        slot=0,
+        api_pid=0,
+        device="cpu",
+        model_path="",
+        fill_path="",
+        controlnet_path="",
+        embedded_cache_dir=str(embedded_cache),
+        modes=ALL_MODES,
+        dtype="auto",
+        memory=config.memory_settings(),
+        cpu_threads=0,
+        heartbeat_interval_s=2,
+        max_consecutive_oom=3,
+        log_level="info",
+    )
+    plans: list[MemoryPlan] = []
+    pipelines = PipelineSet.load(spec, on_plan=plans.append)
+    assert plans == [pipelines.plan] and pipelines.plan.setting == "transformers quantised (int8)"
+    pipes = pipelines._pipes
+    base = pipes["text2img"].transformer
+    for name in ("img2img", "controlnet", "controlnet_img2img"):
+        assert pipes[name].transformer is base, name
+    assert pipes["controlnet"].controlnet is pipes["controlnet_img2img"].controlnet
+    assert pipes["fill"].transformer is not base
+    weight = base.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__module__.startswith("torchao") and weight.qdata.dtype == torch.int8
