@@ -32,8 +32,11 @@ from diffusers import (  # noqa: E402, F401
 )
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402, F401
 
+import genserve.memory_plan  # noqa: E402, F401
 import workers.embedded  # noqa: E402, F401
+import workers.loading  # noqa: E402, F401
 import workers.main  # noqa: E402, F401
+import workers.pipelines  # noqa: E402, F401
 
 
 def _warm_process_caches() -> None:
@@ -49,6 +52,10 @@ def _warm_process_caches() -> None:
         pass
     try:
         import diffusers.guiders  # noqa: F401
+    except ImportError:
+        pass
+    try:  # the memory planner instantiates models on the meta device through accelerate
+        import accelerate  # noqa: F401
     except ImportError:
         pass
 
