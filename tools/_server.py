@@ -34,6 +34,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def loading_problem(status: dict[str, Any]) -> str | None:
+    """Why a starting server will not become ready by waiting longer: a worker that failed or died while loading."""
+    if status.get("status") == "failed":
+        return str(status.get("reason"))
+    for worker in status.get("workers", []):
+        if worker.get("last_error") and worker.get("state") not in ("ready", "busy"):
+            return f"worker {worker.get('slot')}: {worker['last_error']}"
+    return None
+
+
 class LocalServer:
     """``python -m genserve --config folder/config.yaml``; its output goes to folder/server.log."""
 
@@ -68,19 +78,23 @@ class LocalServer:
         return time.monotonic() - self.started_at
 
     def _wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+        """Until /ready says 200. Gives up at once when waiting cannot help: the server exited, or a worker failed
+        to load (a refused memory plan, or an error while loading: a respawn would only fail the same way)."""
         session = requests.Session()
         deadline = time.monotonic() + timeout_s
         why = "no answer yet"
         while True:
             if process.poll() is not None:
-                raise ServerError(f"server exited with status {process.returncode} before it was ready")
+                last_line = self.log_tail(1).strip()[-300:]
+                raise ServerError(f"server exited with status {process.returncode} before it was ready: {last_line}")
             try:
                 answer = session.get(f"{self.url}/ready", timeout=2)
                 if answer.status_code == 200:
                     return
-                why = answer.text[:500]
-                if answer.json().get("status") == "failed":  # a refused memory plan: waiting cannot help
-                    raise ServerError(f"no worker can load the model: {why}")
+                why = str(answer.json().get("reason") or answer.text[:500])
+                problem = loading_problem(self.status())
+                if problem:
+                    raise ServerError(f"a worker cannot load: {problem}")
             except (requests.RequestException, ValueError) as exc:
                 why = str(exc)
             if time.monotonic() > deadline:

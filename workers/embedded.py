@@ -265,7 +265,7 @@ def _seeded(component: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_build() -> Iterator[None]:
+def quiet_build() -> Iterator[None]:
     """Hide library noise that means nothing for a locally built model.
 
     * transformers' "Writing model shards" tqdm bar on every ``save_pretrained``;
@@ -287,7 +287,7 @@ def _quiet_build() -> Iterator[None]:
 
 
 def _build(root: Path) -> None:
-    with _quiet_build():
+    with quiet_build():
         _build_components(root)
 
 
@@ -295,8 +295,8 @@ def _build_components(root: Path) -> None:
     from diffusers import FluxPipeline
 
     with tempfile.TemporaryDirectory(prefix="genserve-embedded-tok-") as scratch:
-        tokenizer = _make_clip_tokenizer(Path(scratch))
-    tokenizer_2 = _make_t5_tokenizer()
+        tokenizer = make_clip_tokenizer(Path(scratch))
+    tokenizer_2 = make_t5_tokenizer()
 
     with _seeded("text_encoder"):
         text_encoder = _make_clip_text_encoder(tokenizer)
@@ -312,7 +312,7 @@ def _build_components(root: Path) -> None:
         controlnet = _make_controlnet()
 
     pipe = FluxPipeline(
-        scheduler=_make_scheduler(),
+        scheduler=make_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -325,7 +325,7 @@ def _build_components(root: Path) -> None:
     controlnet.save_pretrained(root / "controlnet", safe_serialization=True)
 
 
-def _make_clip_tokenizer(scratch: Path) -> PreTrainedTokenizerBase:
+def make_clip_tokenizer(scratch: Path) -> PreTrainedTokenizerBase:
     """Byte-level BPE vocabulary: the 256 byte symbols, their ``</w>`` variants, no merges."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
@@ -352,7 +352,7 @@ def _make_clip_tokenizer(scratch: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _make_t5_tokenizer() -> PreTrainedTokenizerBase:
+def make_t5_tokenizer() -> PreTrainedTokenizerBase:
     """SentencePiece-like Unigram vocabulary over printable ASCII; no sentinel (extra_id) tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -469,7 +469,7 @@ def _make_controlnet() -> FluxControlNetModel:
     ).eval()
 
 
-def _make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
