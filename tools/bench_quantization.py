@@ -129,6 +129,9 @@ def print_service(results: dict[str, dict[str, Any]], error: dict[str, float], a
 
 
 def run_block(args: argparse.Namespace) -> dict[str, float]:
+    from genserve.library_noise import quiet_library_noise
+
+    quiet_library_noise()  # before diffusers (and with it torchao) is imported
     import torch
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -136,14 +139,16 @@ def run_block(args: argparse.Namespace) -> dict[str, float]:
     print("phase 2: a full-width FLUX single-stream block", file=sys.stderr)
     torch.manual_seed(0)
     block = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-    hidden = torch.randn(1, args.tokens, 3072)
+    text_tokens = args.tokens // 4  # the rest are image tokens; the block sees them joined
+    image = torch.randn(1, args.tokens - text_tokens, 3072)
+    text = torch.randn(1, text_tokens, 3072)
     temb = torch.randn(1, 3072)
     rotary = (torch.ones(args.tokens, 128), torch.zeros(args.tokens, 128))
 
     def forward(module: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():
-            output: torch.Tensor = module(hidden, temb, image_rotary_emb=rotary)
-            return output
+            text_out, image_out = module(image, text, temb, image_rotary_emb=rotary)
+            return torch.cat([text_out, image_out], dim=1)
 
     def timed(module: torch.nn.Module) -> tuple[torch.Tensor, float]:
         output = forward(module)  # warm-up
