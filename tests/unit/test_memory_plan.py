@@ -263,6 +263,21 @@ def test_hardware_that_cannot_run_a_setting_is_named() -> None:
     assert startup_problems(settings(quantize={"transformer": "fp8"}), ["cuda:0"]) == []
 
 
+def test_the_service_refuses_at_start_what_its_cpu_workers_cannot_run(tmp_path: Path) -> None:
+    """The API process says no before any worker starts (python -m genserve turns this into exit status 2)."""
+    from genserve.app import create_app
+    from genserve.config import ConfigError
+
+    config = Config.model_validate(
+        {"memory": {"quantize": {"transformer": "nf4", "fill": "fp8"}}, "results": {"dir": str(tmp_path)}}
+    )
+    with pytest.raises(ConfigError) as refused:
+        create_app(config, devices=["cpu"])
+    message = str(refused.value)
+    assert message.startswith("memory settings this hardware cannot run: ")
+    assert "cpu: nf4 (transformer) needs a CUDA GPU" in message and "cpu: fp8 (fill) needs a CUDA GPU" in message
+
+
 def test_fp8_on_a_gpu_without_it_is_refused_by_the_plan(flux_shapes: dict[str, ComponentShape]) -> None:
     ampere = DeviceInfo(
         name="cuda:0",
