@@ -23,7 +23,19 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from genserve.messages import ALL_MODES, QUANTIZABLE, MemorySettings, Mode, Offload, Quantization, Strategy
+from genserve.messages import (
+    ALL_MODES,
+    QUANTIZABLE,
+    Attention,
+    Compile,
+    CompileMode,
+    MemorySettings,
+    Mode,
+    Offload,
+    PerformanceSettings,
+    Quantization,
+    Strategy,
+)
 
 # Control modes of a union FLUX ControlNet (InstantX / Shakker-Labs Union order), by controlnet_type.
 CONTROL_MODES: dict[str, int] = {
@@ -259,6 +271,53 @@ class MemoryConfig(_Section):
         return self
 
 
+class PerformanceConfig(_Section):
+    compile: Compile = Field(
+        "off",
+        description="torch.compile: off | transformer (base, Fill and ControlNet transformers) | all (and the VAE "
+        "decoder). Workers compile while warming up, before they report ready.",
+    )
+    compile_mode: CompileMode = Field(
+        "default", description="torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune."
+    )
+    compile_cache_dir: str = Field(
+        "~/.cache/genserve/inductor",
+        description="Inductor's on-disk caches: a respawned worker reuses what an earlier one compiled.",
+    )
+    warmup_sizes: list[list[int]] = Field(
+        default_factory=lambda: [[1024, 1024]],
+        description="Sizes ([width, height]) each worker runs once per mode before ready when compile is on.",
+    )
+    attention: Attention = Field(
+        "auto",
+        description="Attention backend (diffusers' dispatcher): native | flash | flash3 | sage | auto (the fastest "
+        "available on the device). An unavailable one stops the start with a message.",
+    )
+    fuse_qkv: bool = Field(True, description="Fuse each attention's q/k/v projections (unquantised transformers).")
+    channels_last_vae: bool = Field(True, description="Run the VAE in channels-last memory format on CUDA.")
+    vae_tiling_above: int = Field(
+        1536,
+        ge=0,
+        description="Decode in tiles when an image is larger than this squared (pixels): 2048² fits; 0: never tile.",
+    )
+    overlap_encoding: bool = Field(
+        True, description="Encode and write each PNG on a thread of the worker while its next job denoises."
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _pairs(cls, sizes: list[list[int]]) -> list[list[int]]:
+        for size in sizes:
+            if len(size) != 2 or any(side < 16 for side in size):
+                raise ValueError(f"each warm-up size is [width, height], at least 16 each; not {size}")
+        return sizes
+
+
 class QueueConfig(_Section):
     max_size: int = Field(
         100, ge=1, description="Jobs waiting in the global queue; beyond it requests get 429 with Retry-After."
@@ -399,6 +458,7 @@ class Config(_Section):
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
@@ -433,6 +493,20 @@ class Config(_Section):
             max_width=self.limits.max_size,
             max_height=self.limits.max_size,
             group_offload_blocks=memory.group_offload_blocks,
+        )
+
+    def performance_settings(self) -> PerformanceSettings:
+        performance = self.performance
+        return PerformanceSettings(
+            compile=performance.compile,
+            compile_mode=performance.compile_mode,
+            compile_cache_dir=str(expand_path(performance.compile_cache_dir)),
+            warmup_sizes=tuple((width, height) for width, height in performance.warmup_sizes),
+            attention=performance.attention,
+            fuse_qkv=performance.fuse_qkv,
+            channels_last_vae=performance.channels_last_vae,
+            vae_tiling_above=performance.vae_tiling_above,
+            overlap_encoding=performance.overlap_encoding,
         )
 
     @property

@@ -78,6 +78,26 @@ class MemorySettings:
         return dict(self.quantize).get(component, "none")
 
 
+Compile = Literal["off", "transformer", "all"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs", "max-autotune"]
+Attention = Literal["native", "flash", "flash3", "sage", "auto"]
+
+
+@dataclass(frozen=True)
+class PerformanceSettings:
+    """The operator's performance section, as the worker applies it after loading (workers/speed.py)."""
+
+    compile: Compile  # torch.compile: nothing, the transformers (base, Fill, ControlNet), or those and the VAE decoder
+    compile_mode: CompileMode  # torch.compile's mode
+    compile_cache_dir: str  # inductor's on-disk caches, shared by every worker start (a respawn reuses them)
+    warmup_sizes: tuple[tuple[int, int], ...]  # (width, height) run once per mode before ready, so no request compiles
+    attention: Attention  # diffusers' attention backend; auto picks the fastest available on the device
+    fuse_qkv: bool  # fuse q/k/v projections of unquantised transformers into one matmul
+    channels_last_vae: bool  # the VAE in channels-last memory format (CUDA)
+    vae_tiling_above: int  # decode in tiles when width x height exceeds this squared (pixels); 0: never
+    overlap_encoding: bool  # encode and write each PNG on a thread while the next job denoises
+
+
 @dataclass(frozen=True)
 class ComponentPlan:
     """One model of the worker, as the memory plan places it."""
@@ -152,6 +172,7 @@ class WorkerSpec:
     modes: tuple[Mode, ...]  # modes to load and serve
     dtype: str  # "auto", "bfloat16", "float16" or "float32"
     memory: MemorySettings  # how to fit the models on the device (planned before loading)
+    performance: PerformanceSettings  # compile, attention, fusions and VAE tiling, applied after loading
     cpu_threads: int  # torch threads on a CPU device; 0 leaves torch's default
     heartbeat_interval_s: float  # how often to send Heartbeat
     max_consecutive_oom: int  # out-of-memory failures in a row after which the worker exits to restart clean

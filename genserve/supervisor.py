@@ -1018,6 +1018,7 @@ class Supervisor:
             modes=self.enabled_modes,
             dtype=cfg.model.dtype,
             memory=cfg.memory_settings(),
+            performance=cfg.performance_settings(),
             cpu_threads=self._cpu_threads if slot.device == "cpu" else 0,
             heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
             max_consecutive_oom=cfg.workers.max_consecutive_oom,
