@@ -492,6 +492,7 @@ class Config(_Section):
             device_memory_gb=self.workers.device_memory_gb,
             max_width=self.limits.max_size,
             max_height=self.limits.max_size,
+            vae_tiling_above=self.performance.vae_tiling_above,
             group_offload_blocks=memory.group_offload_blocks,
         )
 

@@ -22,7 +22,8 @@ The activation reserve (``memory.reserve_gb`` overrides it) is sized for the lar
 - denoising: one transformer block's live activations, about RESERVE_BLOCK_WIDTHS times its hidden width per token
   (qkv, attention output, the 4x MLP and the concatenation of a single-stream block), plus the ControlNet's
   residuals (one hidden-wide tensor per ControlNet block, kept across the transformer call);
-- VAE decode: about RESERVE_VAE_MAPS feature maps of the decoder's full-resolution width alive at once;
+- VAE decode: about RESERVE_VAE_MAPS feature maps of the decoder's full-resolution width alive at once, for at most
+  performance.vae_tiling_above squared pixels (larger images decode in tiles);
 plus, on CUDA, RESERVE_CUDA_FIXED for cuBLAS/attention workspaces and the caching allocator's slack. These factors
 are estimates checked against measured peaks by tools/gpu_check.sh.
 """
@@ -432,16 +433,18 @@ def startup_problems(settings: MemorySettings, devices: Iterable[str]) -> list[s
 
 
 def activation_reserve_bytes(
-    shapes: dict[str, ComponentShape], width: int, height: int, act_bytes: int, is_cuda: bool
+    shapes: dict[str, ComponentShape], width: int, height: int, act_bytes: int, is_cuda: bool, tiling_above: int = 0
 ) -> int:
-    """Peak activation memory of one job at width x height (see the module docstring for the model)."""
+    """Peak activation memory of one job at width x height (see the module docstring for the model). Above
+    ``tiling_above`` squared pixels the VAE decodes in tiles, so its phase never needs more than that size's."""
     image_tokens = (width // 16) * (height // 16)
     hidden = max((shapes[name].hidden for name in ("transformer", "fill") if name in shapes), default=0)
     denoise = (image_tokens + TEXT_TOKENS) * hidden * RESERVE_BLOCK_WIDTHS * act_bytes
     if "controlnet" in shapes:
         denoise += shapes["controlnet"].blocks * image_tokens * hidden * act_bytes
     vae = shapes["vae"].first_channels if "vae" in shapes else 0
-    decode = width * height * vae * RESERVE_VAE_MAPS * act_bytes
+    decoded_pixels = min(width * height, tiling_above * tiling_above) if tiling_above else width * height
+    decode = decoded_pixels * vae * RESERVE_VAE_MAPS * act_bytes
     return max(denoise, decode) + (RESERVE_CUDA_FIXED if is_cuda else 0)
 
 
@@ -534,7 +537,14 @@ def _shortfall(plan: MemoryPlan) -> str:
 def _reserve(settings: MemorySettings, shapes: dict[str, ComponentShape], device: DeviceInfo, dtype: str) -> int:
     if settings.reserve_gb:
         return int(settings.reserve_gb * GIB)
-    return activation_reserve_bytes(shapes, settings.max_width, settings.max_height, DTYPE_BYTES[dtype], device.is_cuda)
+    return activation_reserve_bytes(
+        shapes,
+        settings.max_width,
+        settings.max_height,
+        DTYPE_BYTES[dtype],
+        device.is_cuda,
+        settings.vae_tiling_above,
+    )
 
 
 def plan_ladder(

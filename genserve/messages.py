@@ -8,7 +8,7 @@ exception may not unpickle in the other process).
 
 Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, CancelJob, Shutdown.
             worker → API: WorkerOutbound: WorkerPlanned, WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted,
-            JobProgress, JobResult, JobFailure.
+            JobProgress, JobDenoised, JobResult, JobFailure.
 Both ends dispatch on the unions with ``match`` and ``assert_never``, so mypy flags a message nobody handles.
 """
 
@@ -72,6 +72,7 @@ class MemorySettings:
     device_memory_gb: float  # memory to plan against; 0: what the device reports free
     max_width: int  # largest output the service accepts (limits.max_size): sizes the activation reserve
     max_height: int
+    vae_tiling_above: int  # images larger than this squared decode in tiles (performance.vae_tiling_above); 0: never
     group_offload_blocks: int  # transformer blocks per group under group offload
 
     def quantization_of(self, component: str) -> Quantization:
@@ -235,6 +236,10 @@ class WorkerReady:
     load_time_s: float  # seconds from process start to ready
     peak_rss_mb: float  # the worker's peak resident host memory while loading (MiB)
     device_memory_mb: float  # device memory its tensors hold once loaded (MiB; 0 on a CPU device)
+    attention: str  # the attention backend in use (diffusers' name)
+    warmup_s: float  # seconds of warm-up jobs before ready (compiling, or loading compiled kernels)
+    compile_cache_hits: int  # compiled graphs loaded from inductor's on-disk cache during warm-up
+    compile_cache_misses: int  # graphs compiled from scratch (a respawn with a warm cache has none)
 
 
 @dataclass(frozen=True)
@@ -275,8 +280,19 @@ class JobProgress:
 
 
 @dataclass(frozen=True)
+class JobDenoised:
+    """The pipeline call of job_id returned (performance.overlap_encoding): its image waits for the worker's encoder
+    thread, and the worker's main loop is free for the next job. JobResult (or JobFailure) follows for this job,
+    and from now on CancelJob no longer stops it."""
+
+    job_id: str  # the job
+    pipeline_s: float  # seconds inside the diffusers pipeline call
+
+
+@dataclass(frozen=True)
 class JobResult:
-    """The job finished; the worker has written the PNG to the job's output_path."""
+    """The job finished; the worker has written the PNG to the job's output_path. Sent by the main loop, or by the
+    encoder thread after JobDenoised (in the order the jobs were denoised)."""
 
     job_id: str  # the job
     image_path: str  # the PNG file (the job's output_path)
@@ -291,7 +307,10 @@ class JobResult:
 
 @dataclass(frozen=True)
 class JobFailure:
-    """The job did not produce an image. After DEVICE_FATAL the worker exits; otherwise it takes the next job."""
+    """The job did not produce an image. After DEVICE_FATAL the worker exits; otherwise it takes the next job.
+
+    After JobDenoised only the encoder sends one for that job: its PNG could not be encoded or written (ERROR, or
+    OUT_OF_MEMORY for host memory)."""
 
     job_id: str  # the job
     kind: FailureKind  # what sort of failure: decides the job's error and the slot's fate
@@ -305,5 +324,13 @@ EXIT_DEVICE_FATAL = 76  # a fatal device error poisoned the CUDA context; only a
 
 WorkerInbound = JobRequest | CancelJob | Shutdown
 WorkerOutbound = (
-    WorkerPlanned | WorkerReady | WorkerStartupFailed | Heartbeat | JobStarted | JobProgress | JobResult | JobFailure
+    WorkerPlanned
+    | WorkerReady
+    | WorkerStartupFailed
+    | Heartbeat
+    | JobStarted
+    | JobProgress
+    | JobDenoised
+    | JobResult
+    | JobFailure
 )
