@@ -14,24 +14,32 @@ work that grows with the queue: queue operations are O(log n), job events only e
 writer, and expiry reads a deadline heap.
 
 Channels: per worker one duplex pipe (JobRequest / CancelJob / Shutdown out; WorkerPlanned, WorkerReady,
-WorkerStartupFailed, Heartbeat, JobStarted, JobProgress, JobResult, JobFailure in) and the process sentinel
-(readable once it exits).
+WorkerStartupFailed, Heartbeat, JobStarted, JobProgress, JobDenoised, JobResult, JobFailure in) and the process
+sentinel (readable once it exits).
 
-Death of a worker: its job (recorded per slot) is re-queued once at the head of its priority; a job that was running
-on a second worker that died fails with WorkerDied, so a poison job cannot crash-loop the pool. The slot respawns
-on the same device after a doubling backoff. Within ``workers.max_restarts`` per ``restart_window_s`` that is all;
-once the budget is spent the slot does not give up: it retries every ``restart_backoff_max_s`` while /ready says
-"degraded" (Kubernetes' CrashLoopBackOff), or, with ``workers.on_budget_spent: exit``, the service exits non-zero so
-an orchestrator replaces it. A worker whose memory plan does not fit its device (WorkerStartupFailed with
-permanent=True) is the exception: its slot is marked failed and never respawned, since the same plan would be
-refused again after reloading nothing but time.
+Overlapped encoding (performance.overlap_encoding): a worker says JobDenoised when its pipeline call for a job
+returned and the image went to its encoder thread. The slot is READY again and gets the next job at once, while the
+job stays the slot's, "encoding", until its JobResult (or JobFailure: the PNG could not be written) arrives. A
+cancel no longer reaches such a job (too late: it completes), its deadline no longer stops it, and hang detection
+judges the slot by its heartbeat and the job it is denoising, if any: an encoder that stalls holds up the main loop
+of the worker (it waits for room), and the next job's missing first step shows that.
+
+Death of a worker: its jobs (recorded per slot: the one it ran and those it was encoding) are re-queued once at the
+head of their priority, in the order they were dispatched; a job that was on a second worker that died fails with
+WorkerDied, so a poison job cannot crash-loop the pool. The slot respawns on the same device after a doubling
+backoff. Within ``workers.max_restarts`` per ``restart_window_s`` that is all; once the budget is spent the slot does
+not give up: it retries every ``restart_backoff_max_s`` while /ready says "degraded" (Kubernetes' CrashLoopBackOff),
+or, with ``workers.on_budget_spent: exit``, the service exits non-zero so an orchestrator replaces it. A worker whose
+memory plan does not fit its device (WorkerStartupFailed with permanent=True) is the exception: its slot is marked
+failed and never respawned, since the same plan would be refused again after reloading nothing but time.
 
 Workers start from a forkserver that has already imported torch, diffusers and transformers (``workers.preload``),
 so a respawn costs the model load and little else. Nothing touches CUDA before the fork.
 
-Shutdown is two calls: ``drain(grace)`` stops taking jobs, fails what is queued, lets running jobs finish within the
-grace and fails the rest; ``shutdown()`` then asks each worker to exit, waits ``workers.shutdown_timeout_s`` and
-kills what is left. A worker that exits during either is never counted as a crash nor respawned.
+Shutdown is two calls: ``drain(grace)`` stops taking jobs, fails what is queued, lets running jobs (those still
+encoding too) finish within the grace and fails the rest; ``shutdown()`` then asks each worker to exit (it drains its
+encoder first), waits ``workers.shutdown_timeout_s`` and kills what is left. A worker that exits during either is
+never counted as a crash nor respawned.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ from genserve.messages import (
     CancelReason,
     FailureKind,
     Heartbeat,
+    JobDenoised,
     JobFailure,
     JobProgress,
     JobResult,
@@ -100,7 +109,7 @@ FatalHandler = Callable[[str], None]
 
 class WorkerState(StrEnum):
     STARTING = "starting"  # process spawned, loading pipelines
-    READY = "ready"  # idle, takes the next job
+    READY = "ready"  # idle, takes the next job (its encoder may still be writing earlier jobs' images)
     BUSY = "busy"  # running a job
     DEAD = "dead"  # no process: waiting to respawn, or stopped
     FAILED = "failed"  # its models cannot be loaded on its device (memory plan refused): never respawned
@@ -150,7 +159,8 @@ class WorkerSlot:
     conn: Connection | None = None  # our end of the pipe, read by the monitor only
     sender: _Sender | None = None  # writes to the same pipe
     pid: int | None = None
-    job: Job | None = None
+    job: Job | None = None  # the job the worker runs (denoises)
+    encoding: deque[Job] = field(default_factory=deque)  # denoised, PNG not reported yet: oldest first
     restarts: int = 0  # respawns so far
     restart_times: deque[float] = field(default_factory=deque)  # monotonic, within the budget window
     consecutive_failures: int = 0  # deaths since the last time it became ready: drives the backoff
@@ -167,6 +177,7 @@ class WorkerSlot:
     peak_rss_mb: float | None = None  # the last start's peak host memory while loading
     last_error: str | None = None  # why the slot's process last died or failed to start (kept after recovery)
     memory_plan: MemoryPlan | None = None  # the last start's memory plan, as the worker reported it
+    speed: dict[str, Any] | None = None  # the last start's attention backend, warm-up time and compile-cache use
     refused: str | None = None  # the worker refused to load for a reason a retry cannot change: no respawn
     death_cause: str | None = None  # set just before a death we caused or were told about; read by _on_death
 
@@ -442,12 +453,14 @@ class Supervisor:
                 "budget_left": self._budget_left(slot),
                 "budget_spent": self._budget_left(slot) == 0,
                 "current_job": slot.job.id if slot.job else None,
+                "encoding_jobs": [job.id for job in slot.encoding],
                 "jobs_done": slot.jobs_done,
                 "ready_since": slot.ready_since,
                 "load_time_s": slot.load_time_s,
                 "peak_rss_mb": slot.peak_rss_mb,
                 "last_error": slot.last_error,
                 "memory_plan": slot.memory_plan.as_dict() if slot.memory_plan else None,
+                "speed": slot.speed,
                 "_last_heartbeat": slot.last_heartbeat,
                 "_respawn_at": slot.respawn_at,
             }
@@ -616,6 +629,8 @@ class Supervisor:
             case JobStarted():
                 if (job := self._current_job(slot, message.job_id)) is not None:
                     job.mark_started(message.started_at)
+            case JobDenoised():
+                self._on_denoised(slot, message)
             case JobResult():
                 if (job := self._release_job(slot, message.job_id)) is not None:
                     job.finish(JobState.COMPLETED, result=message)
@@ -646,6 +661,12 @@ class Supervisor:
         slot.consecutive_failures = 0
         slot.load_time_s = round(message.load_time_s, 3)
         slot.peak_rss_mb = round(message.peak_rss_mb, 1)
+        slot.speed = {
+            "attention": message.attention,
+            "warmup_s": round(message.warmup_s, 3),
+            "compile_cache_hits": message.compile_cache_hits,
+            "compile_cache_misses": message.compile_cache_misses,
+        }
         log.info(
             "worker %d ready on %s (pid %d, loaded in %.2f s, peak RSS %.0f MiB%s, modes %s)%s",
             slot.index,
@@ -661,16 +682,31 @@ class Supervisor:
     def _current_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
         return slot.job if slot.job is not None and slot.job.id == job_id else None
 
-    def _release_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
-        """The worker is done with job_id: the slot is idle again."""
-        job = self._current_job(slot, job_id)
+    def _on_denoised(self, slot: WorkerSlot, message: JobDenoised) -> None:
+        """The worker's main loop is free: the slot takes the next job while this one's PNG is encoded."""
+        job = self._current_job(slot, message.job_id)
         if job is None:
-            log.warning("worker %d reported on job %s it does not hold; ignored", slot.index, job_id)
-            return None
-        self._finishes.append(time.monotonic())
+            log.warning("worker %d denoised job %s it does not hold; ignored", slot.index, message.job_id)
+            return
         slot.job = None
+        slot.encoding.append(job)
         if slot.state is WorkerState.BUSY:
             slot.state = WorkerState.READY
+
+    def _release_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
+        """The worker is done with job_id, the one it ran (the slot is idle again) or one it was encoding."""
+        job = self._current_job(slot, job_id)
+        if job is not None:
+            slot.job = None
+            if slot.state is WorkerState.BUSY:
+                slot.state = WorkerState.READY
+        else:
+            job = next((encoding for encoding in slot.encoding if encoding.id == job_id), None)
+            if job is None:
+                log.warning("worker %d reported on job %s it does not hold; ignored", slot.index, job_id)
+                return None
+            slot.encoding.remove(job)
+        self._finishes.append(time.monotonic())
         self._job_left_worker.notify_all()
         return job
 
@@ -712,7 +748,9 @@ class Supervisor:
                 job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({reason.value})"))
 
     def _running_jobs(self) -> list[Job]:
-        return [slot.job for slot in self._slots if slot.job is not None and not slot.job.done]
+        """Jobs on a worker that have not ended: running, or denoised and still encoding."""
+        jobs = [job for slot in self._slots for job in (*slot.encoding, slot.job) if job is not None]
+        return [job for job in jobs if not job.done]
 
     def _fail_queued(self, error: ShuttingDown) -> None:
         while (job := self._queue.pop()) is not None:
@@ -734,13 +772,16 @@ class Supervisor:
         process.join(timeout=0.2)
         exitcode = process.exitcode
         self._spawned.discard(process)
-        job, slot.job = slot.job, None
+        # Oldest first: those it was encoding, then the one it ran. Their PNGs died with it, so all are lost alike.
+        lost = [*slot.encoding, *([slot.job] if slot.job is not None else [])]
+        slot.job = None
+        slot.encoding.clear()
         self._forget_process(slot)
         slot.state = WorkerState.DEAD
         slot.ready_since = None
         if self._draining:
             log.info("worker %d (pid %s) exited during shutdown (code %s)", slot.index, slot.pid, exitcode)
-            if job is not None:
+            for job in lost:
                 job.schedule.cancel_reason = CancelReason.SHUTDOWN
                 self._end_stopped(job)
             self._job_left_worker.notify_all()
@@ -753,8 +794,10 @@ class Supervisor:
         else:
             slot.last_error = slot.death_cause or f"process exited with code {exitcode}"
         slot.death_cause = None
-        if job is not None:
-            self._recover_job(job, slot)
+        # push_front puts each at the head of its priority: newest first, so the oldest ends up in front.
+        for job in reversed(lost):
+            if not job.done:
+                self._recover_job(job, slot)
         if slot.refused is not None:
             self._give_up_on(slot)
             return

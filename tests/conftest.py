@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.fault_worker import GATE_ENV, gate_marker, open_gate
+from tests.fault_worker import GATE_ENV, encode_gate_marker, gate_marker, open_gate
 from tests.server import GenServeProcess
 
 os.environ.setdefault(GATE_ENV, tempfile.mkdtemp(prefix="genserve-gates-"))
@@ -42,6 +42,11 @@ class Gates:
     @staticmethod
     def marker(name: str) -> str:
         return f"{gate_marker(name)} held by the test"
+
+    @staticmethod
+    def encode_marker(name: str) -> str:
+        """Denoised, then held in the worker's encoder until the gate opens."""
+        return f"{encode_gate_marker(name)} held in the encoder by the test"
 
     def open(self, name: str) -> None:
         open_gate(self.folder, name)

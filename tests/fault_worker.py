@@ -13,6 +13,10 @@ real pipelines, except that a job whose prompt carries a marker fails the way a 
   FAULT_GATE_DIR environment variable (the test opens the gate by creating it), then runs the real pipeline. A
   cancel stops it while it waits. This is how tests hold a worker busy for exactly as long as they need, on any
   machine, instead of a "blocker" job whose length depends on the CPU.
+- ``[encode-gate:NAME]``: runs the real pipeline, then waits inside the worker's encoder (workers.encoder), before
+  its PNG is encoded, until the gate NAME opens: the job is denoised and "encoding" for as long as the test needs,
+  while the worker takes its next job. Nothing stops it but the gate (a cancel is too late by then). Also honoured
+  by tests/scripted_worker.py.
 """
 
 from __future__ import annotations
@@ -26,18 +30,23 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from genserve.messages import JobRequest, WorkerSpec
+from genserve.messages import JobRequest, JobResult, WorkerSpec
 
 StepCallback = Callable[[int, int], None]
 
 SLOW_STEP_S = 1.5
 GATE_ENV = "FAULT_GATE_DIR"
 _GATE = re.compile(r"\[gate:([\w.-]+)\]")
+_ENCODE_GATE = re.compile(r"\[encode-gate:([\w.-]+)\]")
 _GATE_POLL_S = 0.01
 
 
 def gate_marker(name: str) -> str:
     return f"[gate:{name}]"
+
+
+def encode_gate_marker(name: str) -> str:
+    return f"[encode-gate:{name}]"
 
 
 def open_gate(gate_dir: Path, name: str) -> None:
@@ -47,9 +56,25 @@ def open_gate(gate_dir: Path, name: str) -> None:
 GateWait = Callable[[JobRequest, StepCallback], None]
 
 
+def _wait_for_file(path: Path) -> None:
+    while not path.exists():
+        time.sleep(_GATE_POLL_S)
+
+
 def install_gates() -> GateWait:
-    """Patch the worker's cancel board to note cancels, and return the wait for a job's [gate:NAME] marker."""
-    from workers import main
+    """Patch the worker's cancel board to note cancels and its encoder to honour [encode-gate:NAME]; return the wait
+    for a job's [gate:NAME] marker."""
+    from workers import encoder, main
+
+    real_encode = encoder.encode
+
+    def gated_encode(done: encoder.Denoised) -> JobResult:
+        marker = _ENCODE_GATE.search(done.job.prompt)
+        if marker is not None:
+            _wait_for_file(Path(os.environ[GATE_ENV]) / marker.group(1))
+        return real_encode(done)
+
+    encoder.encode = gated_encode
 
     canceled: set[str] = set()
     canceled_lock = threading.Lock()

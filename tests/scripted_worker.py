@@ -4,8 +4,10 @@ It runs the real worker loop (workers.main: pipes, heartbeats, cancel board, pro
 "pipelines" load in no time and run no model, so a test can start, kill and restart workers by the dozen in
 seconds. What a job does is written in its prompt, as for tests/fault_worker.py:
 - ``[gate:NAME]``: hold before the first step until the test opens the gate (FAULT_GATE_DIR/NAME);
+- ``[encode-gate:NAME]``: hold in the worker's encoder, denoised, until the test opens the gate;
 - ``[crash]``: the process exits at once; ``[fail]``: the pipeline raises ValueError;
-- otherwise: each step is reported, and a small PNG is written to the job's output path.
+- otherwise: each step is reported, and a small image goes to the real encoder (workers.encoder), which writes the
+  PNG to the job's output path.
 Startup fails (WorkerStartupFailed, exit 1) while the file FAIL_STARTUP exists in the configured model.path; with
 REFUSE_PLAN there instead, the worker makes a real memory plan for the FLUX.1-dev family on a 1 GB card, reports it
 and refuses to load, as a worker whose models do not fit does.
@@ -13,7 +15,6 @@ and refuses to load, as a worker whose models do not fit does.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -63,10 +64,8 @@ def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
                 raise ValueError("injected pipeline failure")
             for step in range(1, job.num_inference_steps + 1):
                 on_step(step, job.num_inference_steps)
-            buffer = io.BytesIO()
-            Image.new("RGB", (job.width, job.height), (job.seed % 256, 0, 0)).save(buffer, format="PNG")
-            pipelines.write_atomically(Path(job.output_path), buffer.getvalue())
-            return pipelines.JobOutput(len(buffer.getvalue()), job.width, job.height, 0.0, 0.0)
+            image = Image.new("RGB", (job.width, job.height), (job.seed % 256, 0, 0))
+            return pipelines.JobOutput(image=image, pipeline_s=0.0)
 
         def device_memory_mb(self) -> float:
             return 0.0

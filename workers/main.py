@@ -5,11 +5,15 @@ Started by the supervisor, one per device, forked from a forkserver that has the
 and SIGTERM (a Ctrl-C or a container-wide SIGTERM reaches every process of the group, and the API process must
 drain first) and leaves on Shutdown, when the API process dies, or by SIGKILL. Threads inside it:
 - main thread: loads pipelines, then runs jobs from the inbox (one at a time);
+- ``encoder`` (performance.overlap_encoding): encodes and writes each job's PNG and sends its JobResult while the
+  main thread runs the next job (workers.encoder). The main thread sends JobDenoised when it hands an image over;
+  from then on the job can no longer be canceled. Before any exit it chooses, the worker drains the encoder;
 - ``reader``: receives JobRequest / CancelJob / Shutdown from the pipe. EOF on the pipe means the API process
   died, and the worker exits at once so no orphan holds GPU memory;
 - ``heartbeat``: sends Heartbeat every interval, busy or idle, and exits the process if the parent changed.
 
-All sends share one lock: the main thread (results, progress) and the heartbeat thread write to the same pipe.
+All sends share one lock: the main thread (progress, results), the encoder and the heartbeat thread write to the
+same pipe.
 Every message is small (texts are capped), so each is one write the supervisor can read whole.
 
 A fatal device error (the CUDA context is poisoned) fails the job, then the process exits with EXIT_DEVICE_FATAL
@@ -35,10 +39,10 @@ from genserve.messages import (
     CancelJob,
     FailureKind,
     Heartbeat,
+    JobDenoised,
     JobFailure,
     JobProgress,
     JobRequest,
-    JobResult,
     JobStarted,
     Shutdown,
     WorkerInbound,
@@ -49,6 +53,7 @@ from genserve.messages import (
 )
 
 if TYPE_CHECKING:
+    from workers.encoder import Encoder
     from workers.pipelines import PipelineSet
 
 log = logging.getLogger(__name__)
@@ -138,11 +143,12 @@ def _read_pipe(
         except (EOFError, OSError):
             _exit_because_parent_died()
             return
+        if isinstance(message, Shutdown):
+            # The supervisor closes the pipe next: that EOF, and a send that finds the pipe closed (the encoder may
+            # be reporting already), are the expected end, not the API process's death.
+            outbox.shutting_down()
         _on_message(message, inbox, board)
         if isinstance(message, Shutdown):
-            # The supervisor closes the pipe next: that EOF, and a send that finds the pipe closed, are the
-            # expected end, not the API process's death.
-            outbox.shutting_down()
             return
 
 
@@ -238,16 +244,21 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             device_memory_mb=pipelines.device_memory_mb(),
         )
     )
+    from workers.encoder import Encoder
+
+    encoder = Encoder(outbox.send) if spec.performance.overlap_encoding else None
     ooms_in_a_row = 0
     while True:
         message = inbox.get()
         if isinstance(message, Shutdown):
             break
-        outcome = _run_job(message, pipelines, outbox, board)
+        outcome = _run_job(message, pipelines, outbox, board, encoder)
         if outcome is FailureKind.DEVICE_FATAL:
             # The context is poisoned: every later kernel fails too. Only a fresh process gets a working GPU back;
-            # os._exit because interpreter teardown could touch CUDA again and hang.
+            # os._exit because interpreter teardown could touch CUDA again and hang. The images waiting for the
+            # encoder are on the host already (encoding touches no device): they are written and reported first.
             log.error("fatal device error; exiting so the worker restarts with a fresh device context")
+            _drain(encoder)
             os._exit(EXIT_DEVICE_FATAL)
         if outcome is not FailureKind.OUT_OF_MEMORY:
             ooms_in_a_row = 0
@@ -259,11 +270,20 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             # respawns this slot as after any death (no job is lost: this one has already been answered).
             log.error("%d out-of-memory failures in a row; exiting so the worker restarts clean", ooms_in_a_row)
             sys.exit(EXIT_AFTER_OOM)
+    _drain(encoder)  # Shutdown: what was denoised is written and reported before the worker leaves
     log.info("worker %d exits", spec.slot)
 
 
-def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard) -> FailureKind | None:
-    """Run one job and report it; returns None when it completed, else what kind of failure it was."""
+def _drain(encoder: Encoder | None) -> None:
+    if encoder is not None:
+        encoder.drain()
+
+
+def _run_job(
+    job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard, encoder: Encoder | None
+) -> FailureKind | None:
+    """Run one job and report it; returns None when it completed (or went to the encoder, which reports it), else
+    what kind of failure it was."""
     started_at = time.time()
     board.begin(job.job_id)
     outbox.send(JobStarted(job_id=job.job_id, started_at=started_at))
@@ -279,19 +299,16 @@ def _run_job(job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _C
                 raise JobCanceledError(f"canceled after step {step} of {total}")
 
         output = pipelines.run(job, on_step)
-        outbox.send(
-            JobResult(
-                job_id=job.job_id,
-                image_path=job.output_path,
-                image_bytes=output.image_bytes,
-                width=output.width,
-                height=output.height,
-                seed=job.seed,
-                started_at=started_at,
-                pipeline_s=output.pipeline_s,
-                encode_s=output.encode_s,
-            )
-        )
+        from workers.encoder import Denoised, finish
+
+        denoised = Denoised(job=job, image=output.image, started_at=started_at, pipeline_s=output.pipeline_s)
+        if encoder is None:
+            return finish(denoised, outbox.send)  # encoded and written here, before the next job
+        # Wait for room first (the encoder is behind): JobDenoised tells the supervisor this loop is free, so it
+        # must go out only once the image is off the main thread's hands.
+        encoder.wait_for_room()
+        outbox.send(JobDenoised(job_id=job.job_id, pipeline_s=output.pipeline_s))
+        encoder.put(denoised)
         return None
     except JobCanceledError as exc:
         log.info("job %s %s", job.job_id, exc)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from genserve.images import encode_png, image_file_to_pil
+from genserve.images import image_file_to_pil
 from genserve.library_noise import quiet_library_noise
 from genserve.memory_plan import (
     TORCH_DTYPE_NAMES,
@@ -48,11 +49,10 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 @dataclass(frozen=True)
 class JobOutput:
-    image_bytes: int  # size of the PNG written to the job's output_path
-    width: int
-    height: int
-    pipeline_s: float
-    encode_s: float
+    """What a pipeline call gives back: the decoded image, not yet encoded (workers.encoder encodes and writes it)."""
+
+    image: Image.Image  # the job's output, on the host
+    pipeline_s: float  # seconds inside the pipeline call (prompt encoding, denoising, VAE decode)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -249,16 +249,7 @@ class PipelineSet:
                 output_type="pil",
                 **kwargs,
             ).images[0]
-        pipeline_s = time.perf_counter() - began
-        png = encode_png(image)
-        write_atomically(Path(job.output_path), png)
-        return JobOutput(
-            image_bytes=len(png),
-            width=image.width,
-            height=image.height,
-            pipeline_s=pipeline_s,
-            encode_s=time.perf_counter() - began - pipeline_s,
-        )
+        return JobOutput(image=image, pipeline_s=time.perf_counter() - began)
 
     def _encode_prompt(self, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 and CLIP embeddings of the prompt, computed where the text encoders live and moved to where the job

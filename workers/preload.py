@@ -34,6 +34,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 import genserve.memory_plan  # noqa: E402, F401
 import workers.embedded  # noqa: E402, F401
+import workers.encoder  # noqa: E402, F401
 import workers.loading  # noqa: E402, F401
 import workers.main  # noqa: E402, F401
 import workers.pipelines  # noqa: E402, F401
