@@ -6,6 +6,8 @@ job that must stay busy waits on a gate the test opens.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from genserve.config import Config
 from genserve.errors import ShuttingDown
@@ -27,7 +30,7 @@ from tests.server import wait_until
 WAIT_S = 30  # generous bound for anything a test waits for; passing runs take a fraction of it
 
 
-def make_config(model_dir: Path, **workers: Any) -> Config:
+def make_config(model_dir: Path, overlap_encoding: bool = True, **workers: Any) -> Config:
     settings: dict[str, Any] = {
         "heartbeat_interval_s": 0.1,
         "restart_backoff_s": 0.05,
@@ -36,10 +39,18 @@ def make_config(model_dir: Path, **workers: Any) -> Config:
         "parallel_loads": 0,
     }
     settings.update(workers)
-    return Config.model_validate({"model": {"path": str(model_dir), "modes": ["text2img"]}, "workers": settings})
+    return Config.model_validate(
+        {
+            "model": {"path": str(model_dir), "modes": ["text2img"]},
+            "workers": settings,
+            "performance": {"overlap_encoding": overlap_encoding},
+        }
+    )
 
 
-def make_job(out: Path, prompt: str = "a cat", priority: int = 0, steps: int = 2, timeout_s: float = 60) -> Job:
+def make_job(
+    out: Path, prompt: str = "a cat", priority: int = 0, steps: int = 2, timeout_s: float = 60, seed: int = 7
+) -> Job:
     job_id = uuid.uuid4().hex
     request = JobRequest(
         job_id=job_id,
@@ -49,7 +60,7 @@ def make_job(out: Path, prompt: str = "a cat", priority: int = 0, steps: int = 2
         height=16,
         num_inference_steps=steps,
         guidance_scale=3.5,
-        seed=7,
+        seed=seed,
         strength=0.8,
         input_image=None,
         mask_image=None,
@@ -330,3 +341,187 @@ def test_parallel_loads_bounds_how_many_workers_load_at_once(pool: PoolFactory) 
 
     wait_until(all_ready, WAIT_S, 0.002, "three ready workers")
     assert max(seen_loading) <= 1
+
+
+# --- overlapped encoding (performance.overlap_encoding) ------------------------------------------------------------
+
+
+def encoding(supervisor: Supervisor, slot: int = 0) -> list[str]:
+    jobs: list[str] = worker(supervisor, slot)["encoding_jobs"]
+    return jobs
+
+
+def wait_encoding(supervisor: Supervisor, jobs: list[Job]) -> None:
+    ids = [job.id for job in jobs]
+    wait_until(lambda: encoding(supervisor) == ids, WAIT_S, 0.01, f"{ids} to be encoding")
+
+
+def red_of(job: Job) -> int:
+    with Image.open(job.request.output_path) as image:
+        red: int = image.getpixel((0, 0))[0]
+    return red
+
+
+def test_a_denoised_job_encodes_while_the_next_runs_and_at_most_one_image_waits(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    held = supervisor.submit(make_job(tmp_path, gates.encode_marker(gate)))
+    wait_encoding(supervisor, [held])
+    assert worker(supervisor)["state"] == "ready" and worker(supervisor)["current_job"] is None
+    # The worker takes the next job at once; its image waits behind the held one (results leave in order).
+    second = supervisor.submit(make_job(tmp_path, "second", seed=2))
+    wait_encoding(supervisor, [held, second])
+    assert second.started_at and not second.done and not held.done
+    # A third is denoised, but there is no room for its image: the worker's main loop waits, so the slot stays busy
+    # with it and a fourth job stays queued. Memory cannot pile up behind a slow encoder.
+    third = supervisor.submit(make_job(tmp_path, "third", seed=3))
+    fourth = supervisor.submit(make_job(tmp_path, "fourth", seed=4))
+    wait_until(lambda: third.step == third.total_steps == 2, WAIT_S, 0.01, "the third job's last step")
+    time.sleep(0.3)
+    view = worker(supervisor)
+    assert (view["state"], view["current_job"], view["encoding_jobs"]) == ("busy", third.id, [held.id, second.id])
+    assert supervisor.queue_position(fourth) == 0
+    gates.open(gate)
+    jobs = [held, second, third, fourth]
+    for job in jobs:
+        assert job.wait_done(WAIT_S) and job.state is JobState.COMPLETED, job.error
+    finished = [job.finished_at or 0 for job in jobs]
+    assert finished == sorted(finished)
+    assert [red_of(job) for job in jobs] == [7, 2, 3, 4]
+    assert all(job.result is not None and job.result.encode_s >= 0 for job in jobs)
+    wait_until(lambda: worker(supervisor)["state"] == "ready" and not encoding(supervisor), WAIT_S, 0.01, "idle")
+    assert worker(supervisor)["jobs_done"] == 4
+
+
+def test_a_cancel_after_denoising_is_too_late_while_the_running_job_stops(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    encode_gate = gates.new()
+    encoding_job = supervisor.submit(make_job(tmp_path, gates.encode_marker(encode_gate)))
+    wait_encoding(supervisor, [encoding_job])
+    running = supervisor.submit(make_job(tmp_path, gates.marker(gates.new())))
+    wait_busy(supervisor, running)
+    supervisor.cancel(encoding_job, CancelReason.CLIENT)
+    supervisor.cancel(running, CancelReason.CLIENT)
+    assert running.wait_done(WAIT_S) and running.state is JobState.CANCELED
+    assert not encoding_job.done  # still held in the encoder: the cancel did not reach it
+    gates.open(encode_gate)
+    assert encoding_job.wait_done(WAIT_S) and encoding_job.state is JobState.COMPLETED, encoding_job.error
+    assert Path(encoding_job.request.output_path).is_file()
+    assert worker(supervisor)["restarts"] == 0
+
+
+def test_a_worker_death_while_encoding_requeues_its_jobs_in_order(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    encode_gate, run_gate = gates.new(), gates.new()
+    first = supervisor.submit(make_job(tmp_path, gates.encode_marker(encode_gate)))
+    wait_encoding(supervisor, [first])
+    second = supervisor.submit(make_job(tmp_path, gates.marker(run_gate)))  # running when the worker dies
+    wait_busy(supervisor, second)
+    third = supervisor.submit(make_job(tmp_path, "queued behind them"))
+    pid = worker(supervisor)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # Both jobs the worker held go back to the head of the line, oldest first, ahead of the queued one.
+    wait_until(lambda: first.schedule.attempts == 2, WAIT_S, 0.01, "the encoding job to run again")
+    wait_encoding(supervisor, [first])  # denoised again on the new process, held again at the same gate
+    assert worker(supervisor)["pid"] != pid and worker(supervisor)["restarts"] == 1
+    gates.open(encode_gate)
+    gates.open(run_gate)
+    for job in (first, second, third):
+        assert job.wait_done(WAIT_S) and job.state is JobState.COMPLETED, job.error
+    assert second.schedule.attempts == 2 and third.schedule.attempts == 1
+    started = [job.started_at or 0 for job in (first, second, third)]
+    assert started == sorted(started)
+
+
+def test_hang_detection_leaves_a_slot_alone_while_its_only_job_encodes(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool(first_step_timeout_s=0.2, stall_timeout_s=0.2, stall_pace_factor=1)
+    wait_ready(supervisor)
+    gate = gates.new()
+    job = supervisor.submit(make_job(tmp_path, gates.encode_marker(gate)))
+    wait_encoding(supervisor, [job])
+    time.sleep(1.0)  # five times the stall and first-step limits
+    assert worker(supervisor)["restarts"] == 0 and encoding(supervisor) == [job.id]
+    gates.open(gate)
+    assert job.wait_done(WAIT_S) and job.state is JobState.COMPLETED, job.error
+
+
+def test_drain_waits_for_jobs_that_are_still_encoding(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    job = supervisor.submit(make_job(tmp_path, gates.encode_marker(gate)))
+    wait_encoding(supervisor, [job])
+    drain = threading.Thread(target=supervisor.drain, args=(WAIT_S,))
+    drain.start()
+    time.sleep(0.3)
+    assert drain.is_alive() and not job.done  # an encoding job counts as running
+    gates.open(gate)
+    drain.join(WAIT_S)
+    assert not drain.is_alive()
+    assert job.state is JobState.COMPLETED, job.error
+
+
+def test_a_worker_told_to_shut_down_writes_what_it_denoised_before_it_exits(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool()
+    wait_ready(supervisor)
+    gate = gates.new()
+    job = supervisor.submit(make_job(tmp_path, gates.encode_marker(gate)))
+    wait_encoding(supervisor, [job])
+    supervisor.drain(0.0)  # no grace: the job fails for its client
+    assert job.state is JobState.FAILED and isinstance(job.error, ShuttingDown)
+    process = supervisor._slots[0].process
+    shutdown = threading.Thread(target=supervisor.shutdown)
+    shutdown.start()
+    time.sleep(0.3)  # the worker has Shutdown by now and waits for its encoder
+    assert process.is_alive() and not Path(job.request.output_path).exists()
+    gates.open(gate)
+    shutdown.join(WAIT_S)
+    assert process.exitcode == 0  # it left by itself (shutdown kills with SIGKILL only after shutdown_timeout_s)
+    assert red_of(job) == 7
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "inline"])
+def test_an_image_that_cannot_be_written_fails_only_its_job(pool: PoolFactory, tmp_path: Path, overlap: bool) -> None:
+    supervisor = pool(overlap_encoding=overlap)
+    wait_ready(supervisor)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("the output folder is a file")
+    bad = supervisor.submit(make_job(not_a_folder, "nowhere to write"))
+    assert bad.wait_done(WAIT_S) and bad.state is JobState.FAILED and bad.error is not None
+    assert bad.error.error_type == "job_failed" and "could not be encoded or written" in bad.error.message
+    good = supervisor.submit(make_job(tmp_path, "somewhere to write"))
+    assert good.wait_done(WAIT_S) and good.state is JobState.COMPLETED, good.error
+    assert worker(supervisor)["restarts"] == 0 and not encoding(supervisor)
+
+
+def test_without_overlap_the_worker_encodes_before_it_takes_the_next_job(
+    pool: PoolFactory, tmp_path: Path, gates: Gates
+) -> None:
+    supervisor = pool(overlap_encoding=False)
+    wait_ready(supervisor)
+    gate = gates.new()
+    held = supervisor.submit(make_job(tmp_path, gates.encode_marker(gate)))
+    wait_until(lambda: held.step == 2, WAIT_S, 0.01, "the held job's last step")
+    after = supervisor.submit(make_job(tmp_path, "after it", seed=2))
+    time.sleep(0.3)
+    view = worker(supervisor)
+    assert (view["state"], view["current_job"], view["encoding_jobs"]) == ("busy", held.id, [])
+    assert supervisor.queue_position(after) == 0
+    gates.open(gate)
+    for job in (held, after):
+        assert job.wait_done(WAIT_S) and job.state is JobState.COMPLETED, job.error
+    assert (after.started_at or 0) >= (held.finished_at or 0) - 1  # worker and API clocks are the same here
+    assert [red_of(held), red_of(after)] == [7, 2]
