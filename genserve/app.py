@@ -20,12 +20,12 @@ from genserve.config import Config, ConfigError, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
-from genserve.memory_plan import startup_problems
 from genserve.middleware import BodySizeLimit
 from genserve.retention import Retention
 from genserve.routes import compat, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
+from genserve.startup_checks import hardware_problems
 from genserve.store import ResultStore
 from genserve.supervisor import Supervisor, WorkerTarget
 
@@ -41,9 +41,9 @@ def create_app(
     for note in notes:
         log.warning(note)
     devices = devices if devices is not None else resolve_devices(config)
-    problems = startup_problems(config.memory_settings(), devices)
+    problems = hardware_problems(config, devices)
     if problems:
-        raise ConfigError("memory settings this hardware cannot run: " + "; ".join(problems))
+        raise ConfigError("settings this hardware cannot run: " + "; ".join(problems))
     store = ResultStore(expand_path(config.results.dir))
     interrupted = store.fail_interrupted()
     if interrupted:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from genserve.messages import JobRequest, MemoryPlan, Mode, WorkerSpec
 from tests.fault_worker import install_gates
+from workers.speed import CompileStats
 
 FAIL_STARTUP = "FAIL_STARTUP"
 REFUSE_PLAN = "REFUSE_PLAN"
@@ -45,6 +46,8 @@ def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
     class ScriptedPipelines:
         def __init__(self, device: str, modes: tuple[Mode, ...]) -> None:
             self.device, self.modes, self.embedded = device, modes, False
+            self.attention = "native"
+            self.compile_stats = CompileStats(warmup_s=0.0, cache_hits=0, cache_misses=0)
 
         @classmethod
         def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> ScriptedPipelines:

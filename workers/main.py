@@ -242,6 +242,10 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             load_time_s=time.monotonic() - started,
             peak_rss_mb=_peak_rss_mb(),
             device_memory_mb=pipelines.device_memory_mb(),
+            attention=pipelines.attention,
+            warmup_s=pipelines.compile_stats.warmup_s,
+            compile_cache_hits=pipelines.compile_stats.cache_hits,
+            compile_cache_misses=pipelines.compile_stats.cache_misses,
         )
     )
     from workers.encoder import Encoder
@@ -269,6 +273,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             # Fragmented or leaked memory does not come back by itself: a fresh process does. The supervisor
             # respawns this slot as after any death (no job is lost: this one has already been answered).
             log.error("%d out-of-memory failures in a row; exiting so the worker restarts clean", ooms_in_a_row)
+            _drain(encoder)
             sys.exit(EXIT_AFTER_OOM)
     _drain(encoder)  # Shutdown: what was denoised is written and reported before the worker leaves
     log.info("worker %d exits", spec.slot)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ from genserve.memory_plan import (
     plan_memory,
     shapes_from_folders,
 )
-from genserve.messages import FailureKind, JobRequest, MemoryPlan, Mode, WorkerSpec
+from genserve.messages import FailureKind, ImageFile, JobRequest, MemoryPlan, Mode, WorkerSpec
 from workers.loading import ModelPaths, Offloader, execution_device, load_models
+from workers.speed import WARMUP_STEPS, CompileStats, Speed
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class PipelineSet:
         embedded: bool,
         plan: MemoryPlan,
         offloader: Offloader,
+        speed: Speed,
     ) -> None:
         self.device = device
         self.modes = modes
@@ -159,6 +162,8 @@ class PipelineSet:
         self.plan = plan
         self._pipes = pipes
         self._offloader = offloader
+        self._speed = speed
+        self.compile_stats = CompileStats(warmup_s=0.0, cache_hits=0, cache_misses=0)
 
     @classmethod
     def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> PipelineSet:
@@ -207,19 +212,61 @@ class PipelineSet:
             )
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
+        by_name = {
+            "text_encoder": base.text_encoder,
+            "text_encoder_2": base.text_encoder_2,
+            "vae": base.vae,
+            "transformer": base.transformer,
+            "fill": models.fill_transformer,
+            "controlnet": models.controlnet,
+        }
+        # Fusing and compiling come before the offload hooks: group offloading must see the final parameters.
+        speed = Speed(spec.performance, device, plan)
+        speed.apply(by_name)
         offloader = Offloader(plan, device, spec.memory.group_offload_blocks)
-        offloader.install(
-            {
-                "text_encoder": base.text_encoder,
-                "text_encoder_2": base.text_encoder_2,
-                "vae": base.vae,
-                "transformer": base.transformer,
-                "fill": models.fill_transformer,
-                "controlnet": models.controlnet,
-            }
-        )
+        offloader.install(by_name)
         modes = tuple(mode for mode in spec.modes if mode in pipes)
-        return cls(device=device, modes=modes, pipes=pipes, embedded=embedded, plan=plan, offloader=offloader)
+        pipelines = cls(
+            device=device, modes=modes, pipes=pipes, embedded=embedded, plan=plan, offloader=offloader, speed=speed
+        )
+        pipelines.compile_stats = speed.warm_up(pipelines.warm_up_job, pipelines.warm_up_pipelines())
+        return pipelines
+
+    @property
+    def attention(self) -> str:
+        return self._speed.attention
+
+    def warm_up_pipelines(self) -> list[str]:
+        """One pipeline per distinct compiled graph set: ControlNet img2img shares the ControlNet's."""
+        return [name for name in ("text2img", "img2img", "fill", "controlnet") if name in self._pipes]
+
+    def warm_up_job(self, pipeline: str, width: int, height: int) -> None:
+        """A two-step job of ``pipeline``'s mode at width x height on grey inputs, through the normal job path."""
+        with tempfile.TemporaryDirectory(prefix="genserve-warmup-") as folder:
+            grey = Path(folder) / "grey.raw"
+            grey.write_bytes(bytes([128]) * (width * height * 3))
+            white = Path(folder) / "mask.raw"
+            white.write_bytes(bytes([255]) * (width * height))
+            picture = ImageFile(path=str(grey), width=width, height=height, mode="RGB")
+            mask = ImageFile(path=str(white), width=width, height=height, mode="L")
+            job = JobRequest(
+                job_id=f"warm-up-{pipeline}-{width}x{height}",
+                mode=pipeline,  # type: ignore[arg-type]  # the four warm-up pipelines are named as their modes
+                prompt="warm-up",
+                width=width,
+                height=height,
+                num_inference_steps=WARMUP_STEPS,
+                guidance_scale=3.5,
+                seed=0,
+                strength=1.0,
+                input_image=picture if pipeline in ("img2img", "fill") else None,
+                mask_image=mask if pipeline == "fill" else None,
+                control_image=picture if pipeline == "controlnet" else None,
+                control_mode=0,
+                controlnet_conditioning_scale=0.7,
+                output_path=str(Path(folder) / "out.png"),
+            )
+            self.run(job, lambda step, total: None)
 
     def run(self, job: JobRequest, on_step: StepCallback) -> JobOutput:
         """Run one job; ``on_step`` may raise to stop the denoising loop at once."""
@@ -235,6 +282,7 @@ class PipelineSet:
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         began = time.perf_counter()
         self._offloader.before_job(pipe)
+        self._speed.before_job(job.width, job.height, pipe_name)
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, job.prompt)
             image = pipe(

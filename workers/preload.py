@@ -38,6 +38,7 @@ import workers.encoder  # noqa: E402, F401
 import workers.loading  # noqa: E402, F401
 import workers.main  # noqa: E402, F401
 import workers.pipelines  # noqa: E402, F401
+import workers.speed  # noqa: E402, F401
 
 
 def _warm_process_caches() -> None:

@@ -274,7 +274,7 @@ def test_the_service_refuses_at_start_what_its_cpu_workers_cannot_run(tmp_path: 
     with pytest.raises(ConfigError) as refused:
         create_app(config, devices=["cpu"])
     message = str(refused.value)
-    assert message.startswith("memory settings this hardware cannot run: ")
+    assert message.startswith("settings this hardware cannot run: ")
     assert "cpu: nf4 (transformer) needs a CUDA GPU" in message and "cpu: fp8 (fill) needs a CUDA GPU" in message
 
 
