@@ -1,17 +1,50 @@
 #!/usr/bin/env bash
-# GenServe's GPU check, in one command, from the repository root of a GPU box (see tools/gpu_check.py for what it
-# measures). About 7 minutes on one H100/H200; the model family takes ~32 GiB of disk under /tmp.
+# GenServe's GPU check and GPU benchmark, in one command, from the repository root of a GPU box. Both serve a
+# full-size random-weight FLUX.1-dev family that the first of them builds on the card (~32 GiB of disk under /tmp,
+# --model-dir elsewhere; ~2 minutes) and the other reuses.
 #
-#     tools/gpu_check.sh                 # the check; report, log and server logs in ${OUT:-/tmp/gpu_check}
-#     tools/gpu_check.sh --tiny          # the CPU rehearsal (PYTHON=.venv/bin/python on a development machine)
+#     tools/gpu_check.sh                # the memory check (tools/gpu_check.py: planned vs peak memory per strategy);
+#                                       # about 8 minutes on one H100/H200
+#     tools/gpu_check.sh --bench        # the check, then the speed benchmark (tools/bench_gpu.py: eager, compile,
+#                                       # compile + fused QKV + best attention, + fp8; 1024², 28 steps) on the same
+#                                       # family: about 8 + 7 minutes
+#     tools/gpu_check.sh --bench-only   # the benchmark alone, the family built first unless it is there: fits one
+#                                       # 10-minute call (budget 520 s)
+#     tools/gpu_check.sh --tiny [--bench | --bench-only]   # the CPU rehearsals (PYTHON=.venv/bin/python on a
+#                                       # development machine): a few minutes each
+#     BENCH=1 / BENCH=only tools/gpu_check.sh ...          # the same as --bench / --bench-only
+#
+# Reports and server logs go to ${OUT:-/tmp/gpu_check} (gpu_check.md/.json) and $OUT/bench (bench_gpu.md/.json, and
+# the compile cache: a rerun with the same OUT loads compiled kernels instead of compiling); the log of everything
+# to $OUT/gpu_check.log. --tiny and --model-dir DIR go to both stages; other arguments go to the stage that runs
+# first: gpu_check.py (--strategies, --budget-s, --rebuild), or with --bench-only bench_gpu.py (--variants, --runs,
+# --budget-s, --cold-cache, --rebuild). BENCH_ARGS="--variants eager,fp8" adds arguments to the benchmark after the
+# check.
 #
 # A box without network access gets the packages it lacks as wheels in .whl/ (made by tools/gpu_wheels.sh on a
 # machine with network access): they are installed into /tmp/site, ahead of the box's own packages on PYTHONPATH.
-# Extra arguments go to tools/gpu_check.py (--strategies, --budget-s, --model-dir, --rebuild).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+BENCH=${BENCH:-}
+shared=()  # to both stages
+rest=()    # to the first stage
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bench) BENCH=1 ;;
+        --bench-only) BENCH=only ;;
+        --tiny | --model-dir=*) shared+=("$1") ;;
+        --model-dir) shared+=("$1" "${2:?--model-dir needs a folder}"); shift ;;
+        *) rest+=("$1") ;;
+    esac
+    shift
+done
+case "$BENCH" in
+    "" | 0 | no) BENCH="" ;;
+    only) ;;
+    *) BENCH=1 ;;
+esac
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -58,7 +91,25 @@ try:
 except Exception as exc:  # the check itself reports what this means
     print("torch import failed:", exc)
 EOF
-    echo "== check"
-    "$PYTHON" tools/gpu_check.py --out "$OUT" "$@"
+    status=0
+    if [ "$BENCH" != only ]; then
+        echo "== check"
+        "$PYTHON" tools/gpu_check.py --out "$OUT" ${shared[@]+"${shared[@]}"} ${rest[@]+"${rest[@]}"}
+        status=$?
+    fi
+    if [ "$BENCH" = only ]; then
+        bench_args=(${rest[@]+"${rest[@]}"})
+    else
+        read -r -a bench_args <<<"${BENCH_ARGS:-}"
+    fi
+    if [ -n "$BENCH" ] && [ "$status" -eq 2 ]; then
+        echo "== bench: not run, the check could measure nothing (see above)"
+    elif [ -n "$BENCH" ]; then
+        echo "== bench"
+        "$PYTHON" tools/bench_gpu.py --out "$OUT/bench" ${shared[@]+"${shared[@]}"} ${bench_args[@]+"${bench_args[@]}"}
+        bench_status=$?
+        [ "$status" -ne 0 ] || status=$bench_status
+    fi
+    exit "$status"
 } 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
