@@ -437,6 +437,7 @@ class LimitsConfig(_Section):
         description="Largest input image (width × height) accepted: guards against decompression bombs.",
     )
     max_prompt_chars: int = Field(20000, ge=1, description="Longest prompt accepted.")
+    max_images: int = Field(4, ge=1, le=16, description="Most images one native request may ask for (num_images).")
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:

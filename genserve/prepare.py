@@ -11,7 +11,7 @@ import random
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from genserve.config import CONTROL_MODES, Config
@@ -47,6 +47,7 @@ class PreparedJob:
     model_id: str
     params: dict[str, Any]  # the effective request as recorded and shown (no image bytes)
     timeout_s: float | None = None  # the request's own deadline, if it asked for one (capped when submitted)
+    num_images: int = 1  # images asked for: this job and num_images - 1 siblings with the next seeds (sync routes)
 
 
 EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
@@ -185,6 +186,27 @@ def prepare_job(
         params["strength"] = request.strength
     if mode == "controlnet":
         params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
+    num_images = 1 if req.num_images is None else req.num_images
+    _check_range("num_images", num_images, 1, limits.max_images)
     return PreparedJob(
-        request=request, images=raw, priority=priority, model_id=model_id, params=params, timeout_s=req.timeout
+        request=request,
+        images=raw,
+        priority=priority,
+        model_id=model_id,
+        params=params,
+        timeout_s=req.timeout,
+        num_images=num_images,
     )
+
+
+def sibling(prepared: PreparedJob, index: int) -> PreparedJob:
+    """The index-th image of a request for several: the same job (images shared, not copied) with another id and
+    the seed ``index`` further on."""
+    seed = (prepared.request.seed + index) % (MAX_SEED + 1)
+    request = replace(prepared.request, job_id=uuid.uuid4().hex, seed=seed)
+    return replace(prepared, request=request, params={**prepared.params, "seed": seed})
+
+
+def with_siblings(prepared: PreparedJob, count: int) -> list[PreparedJob]:
+    """The job and its count - 1 siblings."""
+    return [prepared] + [sibling(prepared, index) for index in range(1, count)]

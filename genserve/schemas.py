@@ -45,6 +45,12 @@ class GenerateRequest(BaseModel):
     timeout: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="Seconds this request may take; capped by queue.task_timeout_s."
     )
+    num_images: int | None = Field(
+        None,
+        ge=1,
+        description="Images to make (1 to limits.max_images; seeds seed, seed+1, …): spread over idle workers. "
+        "Above 1 the response adds an images list; /jobs takes one image per job.",
+    )
     input_image: str | None = Field(None, description="Base64 or data: URI (JSON); a file (form-data).")
     mask_image: str | None = Field(None, description="Fill mask, white = repaint; same size as input_image.")
     control_image: str | None = Field(None, description="ControlNet conditioning image.")
@@ -60,6 +66,17 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _mode_case(cls, mode: Any) -> Any:
         return mode.strip().lower() if isinstance(mode, str) else mode
+
+
+class GeneratedImage(BaseModel):
+    """One image of a request for several (num_images): each is its own job with its own seed."""
+
+    task_id: str
+    image_base64: str
+    seed: int
+    width: int
+    height: int
+    gpu_id: str | None = Field(description="Device that ran this image's job.")
 
 
 class GenerateResponse(BaseModel):
@@ -84,4 +101,8 @@ class GenerateResponse(BaseModel):
     timings: dict[str, float] | None = Field(
         None,
         description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s).",
+    )
+    images: list[GeneratedImage] | None = Field(
+        None,
+        description="With num_images above 1: every image (the first is also the top-level image_base64 and seed).",
     )

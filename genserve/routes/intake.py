@@ -207,6 +207,19 @@ async def submit(request: Request, service: Service, prepared: PreparedJob) -> J
         ) from None
 
 
+async def submit_all(request: Request, service: Service, batch: list[PreparedJob]) -> list[Job]:
+    """Queue every image of a request, or none: a refusal half-way takes back what was queued."""
+    jobs: list[Job] = []
+    try:
+        for prepared in batch:
+            jobs.append(await submit(request, service, prepared))
+    except GenServeError:
+        for job in jobs:
+            service.supervisor.cancel(job, CancelReason.SIBLING_REFUSED)
+        raise
+    return jobs
+
+
 async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> None:
     """Wait until every job has ended; raise the first failure (stopping the rest: nobody gets a partial answer).
 

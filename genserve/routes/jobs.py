@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from genserve.errors import BadRequest, NotFound
 from genserve.job_manager import record_view
 from genserve.jobs import Job, JobEvent, JobState, wait_for_job
+from genserve.prepare import PreparedJob
 from genserve.routes import intake
 from genserve.service import Service, get_service
 
@@ -42,6 +43,16 @@ async def _accepted(service: Service, job: Job) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
+def _one_image(prepared: PreparedJob) -> PreparedJob:
+    """A job is one image: several are several jobs (their ids are what a client polls and cancels)."""
+    if prepared.num_images != 1:
+        raise BadRequest(
+            f"num_images must be 1 on /jobs (got {prepared.num_images}): submit one job per image "
+            "(seeds seed, seed+1, …), or ask POST /generate for several"
+        )
+    return prepared
+
+
 @router.post(
     "/jobs",
     status_code=202,
@@ -50,7 +61,7 @@ async def _accepted(service: Service, job: Job) -> JSONResponse:
 )
 async def submit_json(request: Request) -> JSONResponse:
     service = get_service(request)
-    prepared = await intake.prepare_json(request, service)
+    prepared = _one_image(await intake.prepare_json(request, service))
     return await _accepted(service, await intake.submit(request, service, prepared))
 
 
@@ -62,7 +73,7 @@ async def submit_json(request: Request) -> JSONResponse:
 )
 async def submit_form(request: Request) -> JSONResponse:
     service = get_service(request)
-    prepared = await intake.prepare_form(request, service)
+    prepared = _one_image(await intake.prepare_form(request, service))
     return await _accepted(service, await intake.submit(request, service, prepared))
 
 

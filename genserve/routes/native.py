@@ -19,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from genserve import __version__
 from genserve.errors import GenServeError
 from genserve.jobs import Job
-from genserve.prepare import PreparedJob
+from genserve.prepare import PreparedJob, with_siblings
 from genserve.routes import intake
-from genserve.schemas import GenerateResponse
+from genserve.schemas import GeneratedImage, GenerateResponse
 from genserve.service import Service, get_service
 
 router = APIRouter()
@@ -37,14 +37,17 @@ FEATURES = {
 # --- the shared generate path ----------------------------------------------------------------------------------
 
 
-def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
+def _render_success(jobs: list[Job], prepared: PreparedJob, elapsed: float) -> bytes:
+    """GenServe's single-image shape from the first job; with several images, an images list of all of them."""
+    job = jobs[0]
     result = job.result
     assert result is not None
     request = job.request
+    images = [_read_image(each) for each in jobs]
     body = GenerateResponse(
         success=True,
         task_id=job.id,
-        image_base64=base64.b64encode(Path(result.image_path).read_bytes()).decode("ascii"),
+        image_base64=images[0].image_base64,
         error=None,
         elapsed_time=round(elapsed, 4),
         gpu_id=job.device,
@@ -65,22 +68,36 @@ def _render_success(job: Job, prepared: PreparedJob, elapsed: float) -> bytes:
             "total_s": round(elapsed, 6),
             "started_at": result.started_at,
         },
+        images=images if len(jobs) > 1 else None,
     )
     return body.model_dump_json().encode()
 
 
+def _read_image(job: Job) -> GeneratedImage:
+    result = job.result
+    assert result is not None
+    return GeneratedImage(
+        task_id=job.id,
+        image_base64=base64.b64encode(Path(result.image_path).read_bytes()).decode("ascii"),
+        seed=result.seed,
+        width=result.width,
+        height=result.height,
+        gpu_id=job.device,
+    )
+
+
 async def _submit_and_wait(request: Request, service: Service, prepared: PreparedJob, started: float) -> Response:
-    job = await intake.submit(request, service, prepared)
+    jobs = await intake.submit_all(request, service, with_siblings(prepared, prepared.num_images))
     try:
-        await intake.wait_for_jobs(request, service, [job])
-        body = await run_in_threadpool(_render_success, job, prepared, time.perf_counter() - started)
+        await intake.wait_for_jobs(request, service, jobs)
+        body = await run_in_threadpool(_render_success, jobs, prepared, time.perf_counter() - started)
         return Response(content=body, media_type="application/json")
     except GenServeError as exc:
         raise exc.with_context(
-            task_id=job.id,
+            task_id=jobs[0].id,
             model_id=prepared.model_id,
-            mode=job.request.mode,
-            gpu_id=job.device,
+            mode=jobs[0].request.mode,
+            gpu_id=jobs[0].device,
             elapsed_time=time.perf_counter() - started,
         ) from None
 

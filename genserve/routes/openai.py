@@ -9,11 +9,8 @@ Runs on the API process's event loop; decoding, fetching and encoding go through
 from __future__ import annotations
 
 import base64
-import random
 import re
 import time
-import uuid
-from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -22,12 +19,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from genserve.config import Config
-from genserve.errors import BadRequest, GenServeError, NotFound
+from genserve.errors import BadRequest, NotFound
 from genserve.http_errors import bad_request_from_validation
 from genserve.images import image_size, openai_mask_to_png, reencode
 from genserve.jobs import Job
-from genserve.messages import CancelReason, Mode
-from genserve.prepare import EncodedImages, PreparedJob, prepare_job, snap_size
+from genserve.messages import Mode
+from genserve.prepare import EncodedImages, prepare_job, snap_size, with_siblings
 from genserve.routes import intake
 from genserve.schemas import MAX_SEED, GenerateRequest
 from genserve.service import Service, get_service
@@ -107,17 +104,6 @@ def parse_size(size: str | None, config: Config, source: tuple[int, int] | None)
     return int(match.group(1)), int(match.group(2))
 
 
-def _seeds(first: int | None, n: int) -> list[int]:
-    base = random.randint(0, MAX_SEED) if first is None or first == -1 else first
-    return [(base + index) % (MAX_SEED + 1) for index in range(n)]
-
-
-def _variant(prepared: PreparedJob, seed: int) -> PreparedJob:
-    """The same job with another id and seed (images are shared, not copied)."""
-    request = replace(prepared.request, job_id=uuid.uuid4().hex, seed=seed)
-    return replace(prepared, request=request, params={**prepared.params, "seed": seed})
-
-
 def _base_url(request: Request, config: Config) -> str:
     return config.openai.public_base_url or str(request.base_url).rstrip("/")
 
@@ -139,7 +125,6 @@ async def _make_images(
     if body.n > config.openai.max_n:
         raise BadRequest(f"n must be between 1 and {config.openai.max_n}, got {body.n}", param="n")
     width, height = parse_size(body.size, config, source_size)
-    seeds = _seeds(body.seed, body.n)
     try:
         generate = GenerateRequest.model_validate(
             {
@@ -149,7 +134,7 @@ async def _make_images(
                 "height": height,
                 "num_inference_steps": body.num_inference_steps,
                 "cfg": body.guidance_scale,
-                "seed": seeds[0],
+                "seed": -1 if body.seed is None else body.seed,  # none or -1: a random first seed; the rest follow
                 "priority": body.priority,
                 "strength": body.strength,
                 "timeout": body.timeout,
@@ -158,8 +143,7 @@ async def _make_images(
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
     prepared = await run_in_threadpool(prepare_job, generate, images, config, service.modes)
-    batch = [prepared] + [_variant(prepared, seed) for seed in seeds[1:]]
-    jobs = await _submit_all(request, service, batch)
+    jobs = await intake.submit_all(request, service, with_siblings(prepared, body.n))
     await intake.wait_for_jobs(request, service, jobs)
     fmt = body.output_format or "png"
     quality = DEFAULT_QUALITY if body.output_compression is None else max(1, body.output_compression)
@@ -175,19 +159,6 @@ async def _make_images(
             "output_format": fmt,
         }
     )
-
-
-async def _submit_all(request: Request, service: Service, batch: list[PreparedJob]) -> list[Job]:
-    """Queue every image of the request, or none: a refusal half-way takes back what was queued."""
-    jobs: list[Job] = []
-    try:
-        for prepared in batch:
-            jobs.append(await intake.submit(request, service, prepared))
-    except GenServeError:
-        for job in jobs:
-            service.supervisor.cancel(job, CancelReason.SIBLING_REFUSED)
-        raise
-    return jobs
 
 
 def _render_items(

@@ -153,3 +153,40 @@ def test_health_and_ready(server: GenServeProcess) -> None:
     assert requests.get(f"{server.url}/health", timeout=5).json() == {"status": "ok"}
     ready = requests.get(f"{server.url}/ready", timeout=5)
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+@pytest.mark.parametrize("transport", [send_json, send_form], ids=["json", "form"])
+def test_num_images_gives_distinct_reproducible_images_with_consecutive_seeds(
+    server: GenServeProcess, transport: Any
+) -> None:
+    answer = transport(server, "text2img", {}, num_images=3, seed=500)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    images = body["images"]
+    assert [image["seed"] for image in images] == [500, 501, 502]
+    assert len({image["task_id"] for image in images}) == 3
+    assert len({image["image_base64"] for image in images}) == 3  # three different pictures
+    # GenServe's single-image shape is intact: the top level is the first image.
+    assert body["image_base64"] == images[0]["image_base64"] and body["seed"] == 500
+    assert body["task_id"] == images[0]["task_id"]
+    assert all(decode_png(image["image_base64"]).size == SIZE for image in images)
+    # Each image is the one its seed gives on its own, and asking again gives the same three.
+    alone = send_json(server, "text2img", {}, seed=501).json()
+    assert alone["image_base64"] == images[1]["image_base64"]
+    again = transport(server, "text2img", {}, num_images=3, seed=500).json()
+    assert [image["image_base64"] for image in again["images"]] == [image["image_base64"] for image in images]
+
+
+def test_a_single_image_response_has_no_images_list(server: GenServeProcess) -> None:
+    body = send_json(server, "text2img", {}).json()
+    assert body["success"] is True and body["images"] is None
+
+
+def test_num_images_is_capped_and_jobs_take_one_image_each(server: GenServeProcess) -> None:
+    too_many = send_json(server, "text2img", {}, num_images=5)
+    assert too_many.status_code == 400
+    assert "num_images must be between 1 and 4, got 5" in too_many.json()["error"]
+    job = requests.post(
+        f"{server.url}/jobs", json={"prompt": "two", "num_images": 2, "width": 64, "height": 64}, timeout=30
+    )
+    assert job.status_code == 400 and "num_images must be 1 on /jobs (got 2)" in job.json()["detail"]
