@@ -355,7 +355,10 @@ class Supervisor:
         return job
 
     def cancel(self, job: Job, reason: CancelReason) -> None:
-        """Stop a job: out of the queue at once if waiting; at its next step if running. Idempotent."""
+        """Stop a job: out of the queue at once if waiting; at its next step if running. Idempotent.
+
+        A job already denoised (encoding on its worker) is not stopped: too late, it completes. Its cancel_reason
+        stays set, so should its worker die before the result, it ends canceled instead of running again."""
         with self._lock:
             if job.done:
                 return
