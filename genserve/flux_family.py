@@ -31,18 +31,11 @@ FILL_TRANSFORMER: dict[str, Any] = {**TRANSFORMER, "in_channels": 384, "out_chan
 
 # Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro: 5 double + 10 single blocks, 10 control modes. 3.30 B parameters.
 CONTROLNET_UNION: dict[str, Any] = {
+    **TRANSFORMER,
     "_class_name": "FluxControlNetModel",
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
     "num_layers": 5,
     "num_single_layers": 10,
     "num_mode": 10,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
 }
 
 # text_encoder_2/config.json: the T5 v1.1 XXL encoder. 4.76 B parameters (the token embedding counted once).

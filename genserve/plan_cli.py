@@ -14,6 +14,7 @@ import sys
 from genserve.config import Config, ConfigError, expand_path, load_config, resolve_config_path
 from genserve.memory_plan import (
     GIB,
+    TORCH_DTYPE_NAMES,
     ComponentShape,
     PlanError,
     card_device_info,
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
         print(f"genserve plan: {exc}", file=sys.stderr)
         return 2
     settings = config.memory_settings()
-    dtype = "fp16" if config.model.dtype == "float16" else "fp32" if config.model.dtype == "float32" else "bf16"
+    dtype = TORCH_DTYPE_NAMES.get(config.model.dtype, "bf16")  # auto: bf16, as on any CUDA card
     print(f"planning for {source}; memory.strategy: {settings.strategy}; largest output {settings.max_width}²")
     every_card_fits = True
     for memory_gb in args.memory_gb:

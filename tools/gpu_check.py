@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from _flux_build import GPU_FAMILY, TINY_FAMILY, ModelFolders, RunProfile, SetupError, prepare, start_run
 from _measure import (
@@ -77,6 +77,7 @@ from _measure import (
     write_outputs,
 )
 from _server import LocalServer
+from test_img2img import make_control_image, make_mask_image  # the client tool's own test images
 
 # --- what runs -----------------------------------------------------------------------------------------------------
 
@@ -195,28 +196,12 @@ def picture(size: int) -> Image.Image:
     return Image.merge("RGB", (gradient, gradient.rotate(90), gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
 
 
-def centre_mask(size: int) -> Image.Image:
-    """White (repaint) in the middle, black around it."""
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    return mask
-
-
-def edge_map(size: int) -> Image.Image:
-    """White outlines on black, as a canny ControlNet expects."""
-    image = Image.new("RGB", (size, size), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((size // 8, size // 4, size // 2, 7 * size // 8), outline=(255, 255, 255), width=2)
-    draw.ellipse((size // 2, size // 8, 7 * size // 8, size // 2), outline=(255, 255, 255), width=2)
-    return image
-
-
 def job_fields(kind: str, size: int, steps: int, timeout_s: float) -> dict[str, Any]:
     fields = text2img_fields(size, steps, timeout_s)
     if kind == "fill":
-        fields.update(mode="fill", input_image=png_base64(picture(size)), mask_image=png_base64(centre_mask(size)))
+        fields.update(mode="fill", input_image=png_base64(picture(size)), mask_image=png_base64(make_mask_image(size)))
     elif kind == "controlnet":
-        fields.update(mode="controlnet", control_image=png_base64(edge_map(size)), controlnet_type="canny")
+        fields.update(mode="controlnet", control_image=png_base64(make_control_image(size)), controlnet_type="canny")
     return fields
 
 
