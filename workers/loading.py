@@ -7,6 +7,10 @@ Each model is loaded on its own, so each gets its own quantisation config and it
 - ``cpu``: loaded and run on the host (text encoders under ``offload: text_encoders``);
 - ``offload`` / ``group``: kept on the host and moved to the GPU while they run. A quantised one is quantised on the
   GPU first (torchao's fp8 kernels and bitsandbytes need it there), then moved to the host.
+With ``performance.fuse_qkv``, a transformer (base, Fill, ControlNet) planned for torchao (fp8, int8) is fused before
+it is quantised: loaded unquantised on the host, its q/k/v projections fused (the separate ones dropped), then
+quantised with torchao's ``quantize_`` and the same config, layer by layer onto its place. Fusing keeps the Linear
+rows, so the plan's bytes stay right. nf4 is left unfused: bitsandbytes quantises while loading (workers.speed says so).
 Offload hooks are installed by ``Offloader`` once the pipelines exist (they share these very modules).
 """
 
@@ -21,6 +25,7 @@ import torch
 
 from genserve.memory_plan import transformer_folder
 from genserve.messages import MemoryPlan, Quantization
+from workers.speed import fuse_qkv_to_quantise
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,20 @@ class LoadedModels:
     controlnet: Any | None
 
 
+# The models fusion applies to (attention with q/k/v projections), and the quantisations it can come before.
+TRANSFORMERS = ("transformer", "fill", "controlnet")
+TORCHAO_QUANTIZATIONS: tuple[Quantization, ...] = ("fp8", "int8")
+
+
+def torchao_config(quantization: Quantization) -> Any:
+    """torchao's own config for fp8 (dynamic per-row activation scales, per-row weights) or int8 (weight-only)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+
+    if quantization == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Int8WeightOnlyConfig()
+
+
 def quantization_config(library: Library, quantization: Quantization, dtype: torch.dtype) -> Any | None:
     """The from_pretrained quantization_config for one model, or None for none."""
     if quantization == "none":
@@ -51,36 +70,54 @@ def quantization_config(library: Library, quantization: Quantization, dtype: tor
     module: Any = diffusers if library == "diffusers" else transformers
     if quantization == "nf4":
         return module.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
-
-    quant_type = (
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-        if quantization == "fp8"
-        else Int8WeightOnlyConfig()
-    )
+    quant_type = torchao_config(quantization)
     return module.TorchAoConfig(quant_type) if library == "diffusers" else module.TorchAoConfig(quant_type=quant_type)
 
 
 class _Placer:
     """from_pretrained arguments and the move after loading, per model, from the plan."""
 
-    def __init__(self, plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, plan: MemoryPlan, device: str, dtype: torch.dtype, fuse_qkv: bool = False) -> None:
         self.device = device
         self.dtype = dtype
         self._placement = {component.name: component.placement for component in plan.components}
         self._quantize = dict(plan.quantize)
+        self._fuse_qkv = fuse_qkv
 
     def quantization(self, name: str) -> Quantization:
         return self._quantize.get(name, "none")
 
+    def fuses_before_quantising(self, name: str) -> bool:
+        return self._fuse_qkv and name in TRANSFORMERS and self.quantization(name) in TORCHAO_QUANTIZATIONS
+
     def load_kwargs(self, name: str, library: Library) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.fuses_before_quantising(name):
+            return kwargs  # unquantised, on the host: fuse_then_quantise quantises it and puts it in place
         config = quantization_config(library, self.quantization(name), self.dtype)
         if config is not None:
             kwargs["quantization_config"] = config
         if self._loads_on_gpu(name):
             kwargs["device_map"] = self.device
         return kwargs
+
+    def fuse_then_quantise(self, name: str, model: Any) -> Any:
+        """Fuse q/k/v of a model loaded unquantised on the host, then quantise it with torchao, as loading would have.
+
+        quantize_ moves each Linear to ``device`` just before quantising it (and every other module after its
+        children), so the device peak is the quantised model plus one unquantised layer. The host peak is the whole
+        unquantised transformer (bf16: 2 bytes a parameter, about 24 GB for FLUX.1-dev) plus one layer's q/k/v while
+        it is fused; the host copy is freed layer by layer as quantize_ moves it. A model the plan keeps on the host
+        but quantises is quantised on the GPU like this, then moved by ``settle``, as any quantised one is."""
+        from torchao.quantization import quantize_
+
+        fused = fuse_qkv_to_quantise(model)
+        target = self.device if self._loads_on_gpu(name) else None
+        quantize_(model, torchao_config(self.quantization(name)), device=target)
+        log.info(
+            "fused q/k/v of %d attention layers in %s, then quantised it (%s)", fused, name, self.quantization(name)
+        )
+        return model
 
     def settle(self, name: str, model: Any) -> Any:
         """After loading: a model quantised on the GPU but planned for the host goes there now."""
@@ -96,16 +133,22 @@ class _Placer:
         return placement == "device" or (placement in ("offload", "group") and self.quantization(name) != "none")
 
 
-def load_models(paths: ModelPaths, plan: MemoryPlan, device: str, dtype: torch.dtype) -> LoadedModels:
+def load_models(
+    paths: ModelPaths, plan: MemoryPlan, device: str, dtype: torch.dtype, fuse_qkv: bool = False
+) -> LoadedModels:
+    """Every model of the worker, as the plan says. ``fuse_qkv`` (performance.fuse_qkv): fuse the torchao-quantised
+    transformers' q/k/v before quantising them (the speed settings fuse the unquantised ones after loading)."""
     from diffusers import AutoencoderKL, FluxControlNetModel, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    placer = _Placer(plan, device, dtype)
+    placer = _Placer(plan, device, dtype, fuse_qkv)
     base_path = paths.base
 
     def load(name: str, library: Library, model_class: Any, folder: Path, subfolder: str | None) -> Any:
         log.info("loading %s from %s (%s)", name, folder / (subfolder or ""), _described(plan, name))
         model = model_class.from_pretrained(folder, subfolder=subfolder, **placer.load_kwargs(name, library))
+        if placer.fuses_before_quantising(name):
+            model = placer.fuse_then_quantise(name, model)
         return placer.settle(name, model)
 
     models = {

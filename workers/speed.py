@@ -5,9 +5,11 @@ After loading (workers.loading), in this order:
    FlashAttention 3 on a Hopper GPU that has it, else FlashAttention 2 if installed, else PyTorch's own SDPA
    (``native``, which already runs fused kernels on CUDA). A backend that is not available is a startup error that
    names what is missing;
-2. fused q/k/v projections (``performance.fuse_qkv``) on the unquantised transformers: one matmul instead of three.
-   diffusers keeps the separate projections beside the fused one (to unfuse later); here they become views of the
-   fused weight, so fusing costs no memory (the plan needs none);
+2. fused q/k/v projections (``performance.fuse_qkv``): one matmul instead of three. An unquantised transformer is
+   fused here: diffusers keeps the separate projections beside the fused one (to unfuse later); here they become
+   views of the fused weight, so fusing costs no memory (the plan needs none). A torchao-quantised one (fp8, int8)
+   was fused before quantising, while loading (workers.loading, ``fuse_qkv_to_quantise``), and is recognised here
+   and left as it is; an nf4 one (bitsandbytes quantises while loading) stays unfused;
 3. channels-last VAE on CUDA (``performance.channels_last_vae``);
 4. torch.compile (``performance.compile``), with inductor's caches on disk (``performance.compile_cache_dir``): a
    respawned worker loads compiled kernels instead of compiling again. Regional compilation (each repeated block
@@ -84,12 +86,16 @@ def choose_attention(requested: Attention, device: str) -> str:
     return BACKENDS[requested]
 
 
+# fused projection -> the separate ones diffusers fuses into it (self-attention, then the added text stream)
+_FUSED_FROM: tuple[tuple[str, tuple[str, str, str]], ...] = (
+    ("to_qkv", ("to_q", "to_k", "to_v")),
+    ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+)
+
+
 def _views_of_fused(attention: Any) -> None:
     """Point q/k/v (and the added ones) at row slices of the fused weight: the separate copies are freed."""
-    for fused_name, names in (
-        ("to_qkv", ("to_q", "to_k", "to_v")),
-        ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
-    ):
+    for fused_name, names in _FUSED_FROM:
         fused = getattr(attention, fused_name, None)
         if fused is None:
             continue
@@ -103,22 +109,69 @@ def _views_of_fused(attention: Any) -> None:
             rows += width
 
 
-def fuse_qkv(model: Any) -> int:
-    """Fuse every fusable attention of ``model`` one at a time (the peak is one layer's copy); returns how many."""
+def _drop_separate(attention: Any) -> None:
+    """Delete q/k/v (and the added ones) once fused. Safe because a fused FluxAttention's processor reads only
+    to_qkv / to_added_qkv (diffusers' ``_get_qkv_projections`` branches on ``fused_projections``); views would not
+    do before quantising: quantize_ would quantise each view into a copy of its own and keep the fused
+    unquantised storage alive beneath them."""
+    for fused_name, names in _FUSED_FROM:
+        if getattr(attention, fused_name, None) is None:
+            continue
+        for name in names:
+            if hasattr(attention, name):
+                delattr(attention, name)
+
+
+def _fusable_attentions(model: Any) -> list[Any]:
     from diffusers.models.attention import AttentionModuleMixin
 
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, AttentionModuleMixin) and getattr(module, "_supports_qkv_fusion", False)
+    ]
+
+
+def is_fused(model: Any) -> bool:
+    """Whether every fusable attention of ``model`` is fused already (as loading leaves a quantised transformer)."""
+    attentions = _fusable_attentions(model)
+    return bool(attentions) and all(getattr(attention, "fused_projections", False) for attention in attentions)
+
+
+def _fuse_each(model: Any, then: Callable[[Any], None]) -> int:
+    """Fuse the attentions not fused yet one at a time (the peak is one layer's copy), ``then`` each; how many."""
     fused = 0
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, AttentionModuleMixin) and getattr(module, "_supports_qkv_fusion", False):
-                module.fuse_projections()
-                _views_of_fused(module)
-                fused += 1
+        for attention in _fusable_attentions(model):
+            if getattr(attention, "fused_projections", False):
+                continue  # fused before (at load): its separate projections may be gone
+            attention.fuse_projections()
+            then(attention)
+            fused += 1
     return fused
+
+
+def fuse_qkv(model: Any) -> int:
+    """Fuse every fusable attention of an unquantised ``model``, the separate projections as views; how many."""
+    return _fuse_each(model, _views_of_fused)
+
+
+def fuse_qkv_to_quantise(model: Any) -> int:
+    """Fuse every fusable attention of an unquantised ``model`` that is about to be quantised, dropping the separate
+    projections (no unquantised copy is left for quantize_ to find or keep alive); how many."""
+    return _fuse_each(model, _drop_separate)
 
 
 def _is_quantized(plan: MemoryPlan, name: str) -> bool:
     return dict(plan.quantize).get(name, "none") != "none"
+
+
+def _why_unfused(plan: MemoryPlan, names: list[str]) -> str:
+    """Why quantised transformers reached the speed settings unfused (their weights are quantised tensors by now)."""
+    quantization = dict(plan.quantize)
+    if all(quantization.get(name) == "nf4" for name in names):
+        return "bitsandbytes quantises nf4 while loading, before any fusion could run"
+    return "quantised while loading, not fused first (load_models was not asked to fuse)"
 
 
 def _compile(model: Any, name: str, settings: PerformanceSettings) -> None:
@@ -176,11 +229,17 @@ class Speed:
                 _compile(self._vae.decoder, "VAE decoder", self.settings)
 
     def _fuse(self, transformers: dict[str, Any]) -> None:
+        unfused: list[str] = []
         for name, model in transformers.items():
-            if _is_quantized(self.plan, name):
-                log.info("%s is quantised: q/k/v projections left unfused", name)
-                continue
-            log.info("fused q/k/v projections of %d attention layers in %s", fuse_qkv(model), name)
+            if is_fused(model):
+                # Fused before quantising, while loading: nothing left to fuse (and no separate weights to view).
+                log.info("%s: q/k/v projections already fused (before quantising, at load)", name)
+            elif _is_quantized(self.plan, name):
+                unfused.append(name)
+            else:
+                log.info("fused q/k/v projections of %d attention layers in %s", fuse_qkv(model), name)
+        if unfused:
+            log.info("q/k/v projections left unfused in %s: %s", ", ".join(unfused), _why_unfused(self.plan, unfused))
 
     def warm_up(self, run: Callable[[str, int, int], None], pipelines: Iterable[str]) -> CompileStats:
         """With compile on: one short job per pipeline and warm-up size, through ``run(pipeline, width, height)``."""

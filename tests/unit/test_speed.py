@@ -1,5 +1,6 @@
-"""The worker's speed path on the embedded model: fused q/k/v (same output, no extra memory), attention backend
-choice and its refusals, and VAE tiling by size."""
+"""The worker's speed path on the embedded model: fused q/k/v (same output, no extra memory; an nf4 transformer left
+unfused, saying why), attention backend choice and its refusals, and VAE tiling by size. Fusion before quantising
+(fp8, int8) is tested with loading, in test_fused_quantized."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from genserve.config import Config
+from genserve.messages import MemoryPlan
 from genserve.startup_checks import attention_problems
 from workers.speed import Speed, SpeedSetupError, choose_attention, fuse_qkv
 
@@ -64,6 +66,39 @@ def test_fused_qkv_gives_the_same_output_and_costs_no_memory(embedded: Any) -> N
     with torch.inference_mode():
         after = transformer(**inputs).sample
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def nf4_plan() -> MemoryPlan:
+    """Only what Speed reads of a plan: the transformer's quantisation."""
+    return MemoryPlan(
+        device="cuda:0",
+        strategy="quantized",
+        setting="nf4",
+        fits=True,
+        quantize=(("transformer", "nf4"),),
+        offload="none",
+        components=(),
+        device_bytes=0,
+        reserve_bytes=0,
+        device_available_bytes=0,
+        host_bytes=0,
+        host_available_bytes=0,
+        note="",
+    )
+
+
+def test_an_nf4_transformer_is_left_unfused_saying_why(embedded: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """bitsandbytes quantises while loading, so fusion cannot come first; the speed settings must not fuse its
+    quantised weights either. (The unquantised embedded transformer stands in: Speed decides by the plan.)"""
+    transformer = load_transformer(embedded.base)
+    settings = Config.model_validate({"performance": {"fuse_qkv": True}}).performance_settings()
+    with caplog.at_level("INFO", logger="workers.speed"):
+        Speed(settings, "cpu", nf4_plan()).apply({"transformer": transformer})
+    assert not transformer.transformer_blocks[0].attn.fused_projections
+    assert [record.getMessage() for record in caplog.records if "fused" in record.getMessage()] == [
+        "q/k/v projections left unfused in transformer: bitsandbytes quantises nf4 while loading, before any fusion "
+        "could run"
+    ]
 
 
 def test_attention_on_a_cpu_worker() -> None:
