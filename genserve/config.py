@@ -303,6 +303,14 @@ class PerformanceConfig(_Section):
     overlap_encoding: bool = Field(
         True, description="Encode and write each PNG on a thread of the worker while its next job denoises."
     )
+    max_batch: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Most images of one request (n / num_images) one pipeline call runs together when there are "
+        "fewer idle workers than images; 1: never batch. A batch never holds more pixels than one limits.max_size² "
+        "image, the size the memory plan reserves activations for.",
+    )
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -57,58 +57,74 @@ class JobManager:
     # --- submission ----------------------------------------------------------------------------------------------
 
     def submit(self, prepared: PreparedJob, *, owner: str | None = None, timeout_s: float | None = None) -> Job:
-        """Record and queue a prepared job within ``timeout_s``. Raises TooManyRequests (per-key cap, full queue),
-        NotReady or ShuttingDown; nothing is kept then.
+        """Record and queue a prepared job within ``timeout_s``; see submit_all."""
+        return self.submit_all([prepared], owner=owner, timeout_s=timeout_s)[0]
 
-        Blocking (writes input files and the record): call it from the thread pool, not the event loop.
+    def submit_all(
+        self, batch: list[PreparedJob], *, owner: str | None = None, timeout_s: float | None = None
+    ) -> list[Job]:
+        """Record and queue the jobs of one request (the images of n > 1), all or none. Raises TooManyRequests
+        (per-key cap, full queue), NotReady or ShuttingDown; nothing is kept then.
+
+        Blocking (writes input files and the records): call it from the thread pool, not the event loop.
         """
-        job_id = prepared.request.job_id
         timeout_s = self.config.queue.task_timeout_s if timeout_s is None else timeout_s
-        job = Job.create(
-            prepared.request,
-            prepared.priority,
-            timeout_s,
-            model_id=prepared.model_id,
-            params={**prepared.params, "timeout_s": timeout_s},
-            owner=owner,
-        )
+        jobs = [
+            Job.create(
+                prepared.request,
+                prepared.priority,
+                timeout_s,
+                group=prepared.group,
+                model_id=prepared.model_id,
+                params={**prepared.params, "timeout_s": timeout_s},
+                owner=owner,
+            )
+            for prepared in batch
+        ]
         with self._lock:  # the quota check and the reservation are one step, or two requests could both pass
-            in_flight = self._jobs_in_flight(owner)
+            in_flight = self._jobs_in_flight(owner, adding=len(jobs))
             if not in_flight.over:
-                self._live[job_id] = job
+                self._live.update((job.id, job) for job in jobs)
         if in_flight.over:
             raise TooManyRequests(
-                f"API key '{owner}' has {in_flight.count} jobs queued or running, its limit (auth.max_jobs_per_key)",
+                f"API key '{owner}' has {in_flight.count} jobs queued or running, and its limit "
+                f"(auth.max_jobs_per_key) leaves no room for {len(jobs)} more",
                 headers={"Retry-After": str(self.supervisor.retry_after_s())},
                 code="key_quota_exceeded",
             )
         try:
-            files = self.store.write_inputs(job_id, prepared.images)
-            job.request = replace(
-                prepared.request,
-                output_path=str(self.store.image_path(job_id)),
-                input_image=files.get("input_image"),
-                mask_image=files.get("mask_image"),
-                control_image=files.get("control_image"),
-            )
-            self.store.insert(record_of(job))
-            job.add_listener(self._on_event)
-            self.supervisor.submit(job)
+            for job, prepared in zip(jobs, batch, strict=True):
+                self._record(job, prepared)
+            self.supervisor.submit_all(jobs)
         except BaseException:
-            with self._lock:
-                self._live.pop(job_id, None)
-            self.store.delete(job_id)
-            self.store.remove_inputs(job_id)
+            for job in jobs:
+                with self._lock:
+                    self._live.pop(job.id, None)
+                self.store.delete(job.id)
+                self.store.remove_inputs(job.id)
             raise
-        return job
+        return jobs
 
-    def _jobs_in_flight(self, owner: str | None) -> _Quota:
-        """Under self._lock: how many live jobs ``owner`` has, and whether that is its limit."""
+    def _record(self, job: Job, prepared: PreparedJob) -> None:
+        """Write the job's input files and its record; its request now names the files and the output path."""
+        files = self.store.write_inputs(job.id, prepared.images)
+        job.request = replace(
+            prepared.request,
+            output_path=str(self.store.image_path(job.id)),
+            input_image=files.get("input_image"),
+            mask_image=files.get("mask_image"),
+            control_image=files.get("control_image"),
+        )
+        self.store.insert(record_of(job))
+        job.add_listener(self._on_event)
+
+    def _jobs_in_flight(self, owner: str | None, adding: int) -> _Quota:
+        """Under self._lock: how many live jobs ``owner`` has, and whether ``adding`` more would pass its limit."""
         cap = self.config.auth.max_jobs_per_key
         if not cap or owner is None:
             return _Quota(0, False)
         count = sum(1 for job in self._live.values() if job.owner == owner and not job.done)
-        return _Quota(count, count >= cap)
+        return _Quota(count, count + adding > cap)
 
     def _on_event(self, job: Job, event: JobEvent) -> None:
         """Listener (any thread, job lock held): hand the record change to the writer; progress is not stored."""

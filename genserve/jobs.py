@@ -93,6 +93,7 @@ class Schedule:
     attempts: int = 0  # how many times a worker was handed this job
     cancel_reason: CancelReason | None = None  # set when someone asked to stop it
     cancel_sent: bool = False  # CancelJob went to its worker
+    group: str | None = None  # the images of one request share it: queued ones may run as one batch
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -124,8 +125,11 @@ class Job:
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
-    def create(cls, request: JobRequest, priority: int, timeout_s: float, **fields: Any) -> Job:
-        schedule = Schedule(priority=priority, timeout_s=timeout_s, deadline=time.monotonic() + timeout_s)
+    def create(
+        cls, request: JobRequest, priority: int, timeout_s: float, group: str | None = None, **fields: Any
+    ) -> Job:
+        deadline = time.monotonic() + timeout_s
+        schedule = Schedule(priority=priority, timeout_s=timeout_s, deadline=deadline, group=group)
         return cls(request=request, schedule=schedule, **fields)
 
     @property

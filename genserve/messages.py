@@ -6,7 +6,7 @@ and the message names the files), output images neither (the worker writes the P
 reports its path). Errors cross as an outcome enum, a type name and a message, never as pickled exceptions (a CUDA
 exception may not unpickle in the other process).
 
-Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, CancelJob, Shutdown.
+Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, JobBatch, CancelJob, Shutdown.
             worker → API: WorkerOutbound: WorkerPlanned, WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted,
             JobProgress, JobDenoised, JobResult, JobFailure.
 Both ends dispatch on the unions with ``match`` and ``assert_never``, so mypy flags a message nobody handles.
@@ -38,7 +38,6 @@ class CancelReason(StrEnum):
     DISCONNECTED = "client disconnected"  # a sync client hung up while its job still waited (queue.cancel_abandoned)
     ABANDONED = "request abandoned"  # the request task itself was cancelled (server-side)
     SIBLING_FAILED = "another image of the same request failed"  # n > 1: no partial answers
-    SIBLING_REFUSED = "another image of the same request was refused"  # n > 1: a later image was not admitted
     TIMEOUT = "timeout"  # its deadline passed: it ends failed (408), not canceled
     SHUTDOWN = "service shutting down"  # the grace period ran out while it ran: it ends failed (503)
 
@@ -202,6 +201,18 @@ class JobRequest:
 
 
 @dataclass(frozen=True)
+class JobBatch:
+    """Several images of one request (n / num_images) run as one batched pipeline call: the prompt is encoded once
+    and the denoising runs on a batch of latents, one per job, each from its own seed.
+
+    The jobs differ only in job_id, seed, output_path and their (identical) input files. Each is still reported on
+    its own (JobStarted, JobProgress, JobDenoised, JobResult or JobFailure per job id), and CancelJob stops just that
+    one: it is answered canceled at the next step while the others go on (the call stops when none is left)."""
+
+    jobs: tuple[JobRequest, ...]  # two or more; the first one's prompt, size, steps and inputs are the batch's
+
+
+@dataclass(frozen=True)
 class CancelJob:
     """Stop job_id at its next denoising step (ignored if the worker runs another job by then)."""
 
@@ -303,6 +314,7 @@ class JobResult:
     started_at: float  # worker's time.time() when the job began
     pipeline_s: float  # seconds inside the diffusers pipeline call
     encode_s: float  # seconds to encode and write the PNG
+    batch_size: int = 1  # images the pipeline call made together (a JobBatch); pipeline_s is that whole call's
 
 
 @dataclass(frozen=True)
@@ -322,7 +334,7 @@ class JobFailure:
 EXIT_AFTER_OOM = 75  # EX_TEMPFAIL: workers.max_consecutive_oom out-of-memory failures in a row
 EXIT_DEVICE_FATAL = 76  # a fatal device error poisoned the CUDA context; only a fresh process can use the GPU again
 
-WorkerInbound = JobRequest | CancelJob | Shutdown
+WorkerInbound = JobRequest | JobBatch | CancelJob | Shutdown
 WorkerOutbound = (
     WorkerPlanned
     | WorkerReady

@@ -48,6 +48,7 @@ class PreparedJob:
     params: dict[str, Any]  # the effective request as recorded and shown (no image bytes)
     timeout_s: float | None = None  # the request's own deadline, if it asked for one (capped when submitted)
     num_images: int = 1  # images asked for: this job and num_images - 1 siblings with the next seeds (sync routes)
+    group: str | None = None  # with siblings: the first job's id, shared by all; the supervisor may batch a group
 
 
 EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
@@ -208,5 +209,8 @@ def sibling(prepared: PreparedJob, index: int) -> PreparedJob:
 
 
 def with_siblings(prepared: PreparedJob, count: int) -> list[PreparedJob]:
-    """The job and its count - 1 siblings."""
-    return [prepared] + [sibling(prepared, index) for index in range(1, count)]
+    """The job and its count - 1 siblings, one group when there are several."""
+    if count == 1:
+        return [prepared]
+    first = replace(prepared, group=prepared.request.job_id)
+    return [first] + [sibling(first, index) for index in range(1, count)]

@@ -100,7 +100,8 @@ class GenerateResponse(BaseModel):
     worker_id: int | None = None
     timings: dict[str, float] | None = Field(
         None,
-        description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), total_s; started_at (epoch s).",
+        description="queue_s (submit to start), pipeline_s, encode_s (worker-measured), batch_size (images made in "
+        "the same pipeline call; pipeline_s is that call's), total_s; started_at (epoch s).",
     )
     images: list[GeneratedImage] | None = Field(
         None,

@@ -81,6 +81,7 @@ from genserve.messages import (
     CancelReason,
     FailureKind,
     Heartbeat,
+    JobBatch,
     JobDenoised,
     JobFailure,
     JobProgress,
@@ -96,7 +97,7 @@ from genserve.messages import (
     WorkerSpec,
     WorkerStartupFailed,
 )
-from genserve.queue import PriorityQueue, QueueFullError
+from genserve.queue import PriorityQueue
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class WorkerSlot:
     conn: Connection | None = None  # our end of the pipe, read by the monitor only
     sender: _Sender | None = None  # writes to the same pipe
     pid: int | None = None
-    job: Job | None = None  # the job the worker runs (denoises)
+    jobs: list[Job] = field(default_factory=list)  # what the worker denoises: one job, or the jobs of a batch
     encoding: deque[Job] = field(default_factory=deque)  # denoised, PNG not reported yet: oldest first
     restarts: int = 0  # respawns so far
     restart_times: deque[float] = field(default_factory=deque)  # monotonic, within the budget window
@@ -335,24 +336,32 @@ class Supervisor:
 
     def submit(self, job: Job) -> Job:
         """Queue a job; raises NotReady / QueueFull / ShuttingDown (nothing is queued then)."""
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[Job]) -> list[Job]:
+        """Queue the jobs of one request (the images of n > 1) together, or none of them: raises NotReady /
+        QueueFull / ShuttingDown. Together, so the monitor sees a group whole and can batch it (see _dispatch)."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down; not taking new jobs", headers=self._retry())
             if not self._can_take_jobs():
                 raise NotReady(self._not_ready_reason())
-            try:
-                self._queue.push(job, job.priority, job.schedule.deadline)
-            except QueueFullError:
+            if len(self._queue) + len(jobs) > self._queue.max_size:
                 retry = self._retry_after_s()
+                room = self._queue.max_size - len(self._queue)
+                asked = f"; this request needs {len(jobs)} places, {room} are free" if len(jobs) > 1 else ""
                 raise QueueFull(
-                    f"queue is full ({self._queue.max_size} jobs waiting); retry in about {retry} s",
+                    f"queue is full ({len(self._queue)} of {self._queue.max_size} jobs waiting{asked}); "
+                    f"retry in about {retry} s",
                     headers={"Retry-After": str(retry)},
-                ) from None
-            job.mark_queued(self._queue.position(job))
+                )
+            for job in jobs:
+                self._queue.push(job, job.priority, job.schedule.deadline, job.schedule.group)
+                job.mark_queued(self._queue.position(job))
             self._queue_changed.set()
             self._publish()
         self._wake()
-        return job
+        return jobs
 
     def cancel(self, job: Job, reason: CancelReason) -> None:
         """Stop a job: out of the queue at once if waiting; at its next step if running. Idempotent.
@@ -455,7 +464,8 @@ class Supervisor:
                 "restarts": slot.restarts,
                 "budget_left": self._budget_left(slot),
                 "budget_spent": self._budget_left(slot) == 0,
-                "current_job": slot.job.id if slot.job else None,
+                "current_job": slot.jobs[0].id if slot.jobs else None,
+                "current_jobs": [job.id for job in slot.jobs],
                 "encoding_jobs": [job.id for job in slot.encoding],
                 "jobs_done": slot.jobs_done,
                 "ready_since": slot.ready_since,
@@ -627,7 +637,8 @@ class Supervisor:
                 pass
             case JobProgress():
                 if (job := self._current_job(slot, message.job_id)) is not None:
-                    self._note_step(slot)
+                    if job is slot.jobs[0]:  # the jobs of a batch step together: count each step once
+                        self._note_step(slot)
                     job.mark_progress(message.step, message.total_steps, message.elapsed_s)
             case JobStarted():
                 if (job := self._current_job(slot, message.job_id)) is not None:
@@ -683,7 +694,7 @@ class Supervisor:
         )
 
     def _current_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
-        return slot.job if slot.job is not None and slot.job.id == job_id else None
+        return next((job for job in slot.jobs if job.id == job_id), None)
 
     def _on_denoised(self, slot: WorkerSlot, message: JobDenoised) -> None:
         """The worker's main loop is free: the slot takes the next job while this one's PNG is encoded."""
@@ -691,18 +702,14 @@ class Supervisor:
         if job is None:
             log.warning("worker %d denoised job %s it does not hold; ignored", slot.index, message.job_id)
             return
-        slot.job = None
+        self._leave_pipeline(slot, job)
         slot.encoding.append(job)
-        if slot.state is WorkerState.BUSY:
-            slot.state = WorkerState.READY
 
     def _release_job(self, slot: WorkerSlot, job_id: str) -> Job | None:
         """The worker is done with job_id, the one it ran (the slot is idle again) or one it was encoding."""
         job = self._current_job(slot, job_id)
         if job is not None:
-            slot.job = None
-            if slot.state is WorkerState.BUSY:
-                slot.state = WorkerState.READY
+            self._leave_pipeline(slot, job)
         else:
             job = next((encoding for encoding in slot.encoding if encoding.id == job_id), None)
             if job is None:
@@ -712,6 +719,12 @@ class Supervisor:
         self._finishes.append(time.monotonic())
         self._job_left_worker.notify_all()
         return job
+
+    def _leave_pipeline(self, slot: WorkerSlot, job: Job) -> None:
+        """``job`` is out of its worker's pipeline call; once every job of the call is, the worker is free."""
+        slot.jobs.remove(job)
+        if not slot.jobs and slot.state is WorkerState.BUSY:
+            slot.state = WorkerState.READY
 
     def _fail_job(self, job: Job, failure: JobFailure) -> None:
         match failure.kind:
@@ -752,8 +765,7 @@ class Supervisor:
 
     def _running_jobs(self) -> list[Job]:
         """Jobs on a worker that have not ended: running, or denoised and still encoding."""
-        jobs = [job for slot in self._slots for job in (*slot.encoding, slot.job) if job is not None]
-        return [job for job in jobs if not job.done]
+        return [job for slot in self._slots for job in (*slot.encoding, *slot.jobs) if not job.done]
 
     def _fail_queued(self, error: ShuttingDown) -> None:
         while (job := self._queue.pop()) is not None:
@@ -775,9 +787,9 @@ class Supervisor:
         process.join(timeout=0.2)
         exitcode = process.exitcode
         self._spawned.discard(process)
-        # Oldest first: those it was encoding, then the one it ran. Their PNGs died with it, so all are lost alike.
-        lost = [*slot.encoding, *([slot.job] if slot.job is not None else [])]
-        slot.job = None
+        # Oldest first: those it was encoding, then those it ran. Their PNGs died with it, so all are lost alike.
+        lost = [*slot.encoding, *slot.jobs]
+        slot.jobs.clear()
         slot.encoding.clear()
         self._forget_process(slot)
         slot.state = WorkerState.DEAD
@@ -833,7 +845,7 @@ class Supervisor:
             )
         else:
             log.warning("re-queueing job %s at the head of priority %d", job.id, job.priority)
-            self._queue.push_front(job, job.priority, job.schedule.deadline)
+            self._queue.push_front(job, job.priority, job.schedule.deadline, job.schedule.group)
             job.mark_queued(self._queue.position(job), requeued_because=f"worker {slot.index} died")
             self._queue_changed.set()
 
@@ -952,41 +964,62 @@ class Supervisor:
         if expired:
             self._queue_changed.set()
         for slot in self._slots:
-            running = slot.job
-            if running is not None and running.schedule.cancel_reason is None and running.schedule.deadline <= now:
-                running.schedule.cancel_reason = CancelReason.TIMEOUT  # _send_pending_cancels tells the worker
+            for running in slot.jobs:
+                if running.schedule.cancel_reason is None and running.schedule.deadline <= now:
+                    running.schedule.cancel_reason = CancelReason.TIMEOUT  # _send_pending_cancels tells the worker
 
     def _send_pending_cancels(self) -> None:
         for slot in self._slots:
-            job = slot.job
-            if job is not None and job.schedule.cancel_reason is not None and not job.schedule.cancel_sent:
-                job.schedule.cancel_sent = True
-                self._outgoing.append((slot, CancelJob(job_id=job.id)))
+            for job in slot.jobs:
+                if job.schedule.cancel_reason is not None and not job.schedule.cancel_sent:
+                    job.schedule.cancel_sent = True
+                    self._outgoing.append((slot, CancelJob(job_id=job.id)))
 
     def _dispatch(self) -> None:
-        """Hand queued jobs to idle workers, lowest slot first, until one runs out."""
+        """Hand queued jobs to idle workers, lowest slot first, until one runs out.
+
+        The images of one request (a group) spread over the idle workers first, one each; what is left is batched,
+        evenly over those workers (see _batch_size), instead of waiting in the queue for a worker to come free."""
         if self._draining:
             return
+        idle = [slot for slot in self._slots if slot.state is WorkerState.READY]
         dispatched = False
-        for slot in self._slots:
-            if not len(self._queue):
-                break
-            if slot.state is not WorkerState.READY:
-                continue
-            job = self._queue.pop()
-            if job is None:
-                break
-            job.schedule.attempts += 1
-            job.schedule.cancel_sent = False
-            job.mark_dispatched(slot.index, slot.device)
-            slot.job, slot.state = job, WorkerState.BUSY
-            slot.last_progress = time.monotonic()
-            slot.steps_seen, slot.slowest_step_s = 0, 0.0
-            # If the worker died meanwhile the send fails quietly; its sentinel fires and _on_death re-queues.
-            self._outgoing.append((slot, job.request))
+        while idle and (job := self._queue.pop()) is not None:
+            slot = idle.pop(0)
+            group = job.schedule.group
+            extra = self._batch_size(job, len(idle) + 1) - 1
+            batch = [job, *self._queue.take_group(group, extra)] if group is not None and extra > 0 else [job]
+            self._hand_over(slot, batch)
             dispatched = True
         if dispatched:
             self._queue_changed.set()
+
+    def _batch_size(self, job: Job, idle_workers: int) -> int:
+        """How many images of ``job``'s group one worker takes now: its share when the group's images are spread
+        evenly over the idle workers (so they all finish together; one worker running all that are left would
+        finish last), at most performance.max_batch, and never more pixels than one limits.max_size² image, the
+        largest activations the memory plan reserves for."""
+        if job.schedule.group is None:
+            return 1
+        waiting = 1 + self._queue.group_size(job.schedule.group)
+        share = math.ceil(waiting / idle_workers)
+        largest = self.config.limits.max_size**2
+        fits = max(1, largest // (job.request.width * job.request.height))
+        return min(share, self.config.performance.max_batch, fits)
+
+    def _hand_over(self, slot: WorkerSlot, batch: list[Job]) -> None:
+        for job in batch:
+            job.schedule.attempts += 1
+            job.schedule.cancel_sent = False
+            job.mark_dispatched(slot.index, slot.device)
+        slot.jobs, slot.state = batch, WorkerState.BUSY
+        slot.last_progress = time.monotonic()
+        slot.steps_seen, slot.slowest_step_s = 0, 0.0
+        requests = tuple(job.request for job in batch)
+        if len(batch) > 1:
+            log.info("worker %d runs %d images of one request as a batch", slot.index, len(batch))
+        # If the worker died meanwhile the send fails quietly; its sentinel fires and _on_death re-queues.
+        self._outgoing.append((slot, requests[0] if len(requests) == 1 else JobBatch(jobs=requests)))
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines: list[float] = []
@@ -996,8 +1029,7 @@ class Supervisor:
             if slot.state is WorkerState.STARTING and slot.spawned_at is not None:
                 deadlines.append(slot.spawned_at + self.config.workers.ready_timeout_s + 0.01)
             deadlines.extend(deadline + 0.01 for deadline, _ in self._hang_deadlines(slot))
-            if slot.job is not None and slot.job.schedule.cancel_reason is None:
-                deadlines.append(slot.job.schedule.deadline)
+            deadlines.extend(job.schedule.deadline for job in slot.jobs if job.schedule.cancel_reason is None)
         queued = self._queue.next_deadline()
         if queued is not None:
             deadlines.append(queued)

@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ def open_gate(gate_dir: Path, name: str) -> None:
     (gate_dir / name).touch()
 
 
-GateWait = Callable[[JobRequest, StepCallback], None]
+GateWait = Callable[[Sequence[JobRequest], StepCallback], None]
 
 
 def _wait_for_file(path: Path) -> None:
@@ -89,19 +89,22 @@ def install_gates() -> GateWait:
 
     def noting_cancel_current(board: Any) -> None:  # Shutdown stops the current job this way
         with canceled_lock:
-            if board._current is not None:
-                canceled.add(board._current)
+            canceled.update(board._current)
         real_cancel_current(board)
 
-    def wait_for_gate(job: JobRequest, on_step: StepCallback) -> None:
-        marker = _GATE.search(job.prompt)
+    def wait_for_gate(jobs: Sequence[JobRequest], on_step: StepCallback) -> None:
+        marker = _GATE.search(jobs[0].prompt)  # the jobs of a batch share their prompt
         if marker is None:
             return
         gate = Path(os.environ[GATE_ENV]) / marker.group(1)
+        answered: set[str] = set()
         while not gate.exists():
             with canceled_lock:
-                if job.job_id in canceled:
-                    on_step(1, job.num_inference_steps)  # the real callback sees the cancel and raises
+                newly = {job.job_id for job in jobs if job.job_id in canceled} - answered
+            if newly:
+                answered |= newly
+                # The real callback answers the canceled jobs, and raises once no job of the call is left.
+                on_step(1, jobs[0].num_inference_steps)
             time.sleep(_GATE_POLL_S)
 
     main._CancelBoard.cancel = noting_cancel  # type: ignore[method-assign]
@@ -117,27 +120,27 @@ def run_faulty_worker(spec: WorkerSpec, conn: Connection) -> None:
     real_run = pipelines.PipelineSet.run
     wait_for_gate = install_gates()
 
-    def faulty_run(self: Any, job: JobRequest, on_step: StepCallback) -> Any:
-        total = job.num_inference_steps
-        wait_for_gate(job, on_step)
-        if "[oom]" in job.prompt:
+    def faulty_run(self: Any, jobs: Sequence[JobRequest], on_step: StepCallback) -> Any:
+        prompt, total = jobs[0].prompt, jobs[0].num_inference_steps  # the jobs of a batch share them
+        wait_for_gate(jobs, on_step)
+        if "[oom]" in prompt:
             on_step(1, total)
             raise MemoryError("injected: out of memory allocating the attention buffer")
-        if "[device-error]" in job.prompt:
+        if "[device-error]" in prompt:
             on_step(1, total)
             raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
-        if "[hang]" in job.prompt:
+        if "[hang]" in prompt:
             on_step(1, total)
             while True:
                 time.sleep(3600)
-        if "[slow]" in job.prompt:
+        if "[slow]" in prompt:
             for step in range(1, total + 1):
                 time.sleep(SLOW_STEP_S)
                 on_step(step, total)
-            return real_run(self, job, lambda step, total: None)
-        if "[crash]" in job.prompt:
+            return real_run(self, jobs, lambda step, total: None)
+        if "[crash]" in prompt:
             os._exit(3)
-        return real_run(self, job, on_step)
+        return real_run(self, jobs, on_step)
 
     pipelines.PipelineSet.run = faulty_run  # type: ignore[method-assign]
     main.run_worker(spec, conn)

@@ -16,7 +16,7 @@ and refuses to load, as a worker whose models do not fit does.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -59,16 +59,17 @@ def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
                 raise pipelines.MemoryPlanRefusedError(plan)
             return cls(spec.device, spec.modes)
 
-        def run(self, job: JobRequest, on_step: Any) -> pipelines.JobOutput:
-            wait_for_gate(job, on_step)
-            if "[crash]" in job.prompt:
+        def run(self, jobs: Sequence[JobRequest], on_step: Any) -> list[pipelines.JobOutput]:
+            wait_for_gate(jobs, on_step)
+            first = jobs[0]
+            if "[crash]" in first.prompt:
                 os._exit(3)
-            if "[fail]" in job.prompt:
+            if "[fail]" in first.prompt:
                 raise ValueError("injected pipeline failure")
-            for step in range(1, job.num_inference_steps + 1):
-                on_step(step, job.num_inference_steps)
-            image = Image.new("RGB", (job.width, job.height), (job.seed % 256, 0, 0))
-            return pipelines.JobOutput(image=image, pipeline_s=0.0)
+            for step in range(1, first.num_inference_steps + 1):
+                on_step(step, first.num_inference_steps)
+            pictures = [Image.new("RGB", (job.width, job.height), (job.seed % 256, 0, 0)) for job in jobs]
+            return [pipelines.JobOutput(image=picture, pipeline_s=0.0) for picture in pictures]
 
         def device_memory_mb(self) -> float:
             return 0.0

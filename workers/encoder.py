@@ -51,6 +51,7 @@ class Denoised:
     image: Image.Image  # the decoded output, in host memory
     started_at: float  # worker's time.time() when the job began
     pipeline_s: float  # seconds inside the pipeline call
+    batch_size: int = 1  # images that call made together
 
 
 def encode(done: Denoised) -> JobResult:
@@ -68,6 +69,7 @@ def encode(done: Denoised) -> JobResult:
         started_at=done.started_at,
         pipeline_s=done.pipeline_s,
         encode_s=time.perf_counter() - began,
+        batch_size=done.batch_size,
     )
 
 
@@ -106,7 +108,7 @@ class Encoder:
                 self._changed.wait()
 
     def put(self, done: Denoised) -> None:
-        """Hand an image over (after wait_for_room); returns at once."""
+        """Hand an image over (after wait_for_room; the images of one batch all after one wait); returns at once."""
         with self._changed:
             self._waiting.append(done)
             self._changed.notify_all()

@@ -4,7 +4,8 @@ Started by the supervisor, one per device, forked from a forkserver that has the
 (or spawned fresh with ``workers.start_method: spawn``). Its lifetime belongs to the supervisor: it ignores SIGINT
 and SIGTERM (a Ctrl-C or a container-wide SIGTERM reaches every process of the group, and the API process must
 drain first) and leaves on Shutdown, when the API process dies, or by SIGKILL. Threads inside it:
-- main thread: loads pipelines, then runs jobs from the inbox (one at a time);
+- main thread: loads pipelines, then runs jobs from the inbox one pipeline call at a time: a JobRequest, or a JobBatch
+  (images of one request denoised together; each job is still reported, and can be canceled, on its own);
 - ``encoder`` (performance.overlap_encoding): encodes and writes each job's PNG and sends its JobResult while the
   main thread runs the next job (workers.encoder). The main thread sends JobDenoised when it hands an image over;
   from then on the job can no longer be canceled. Before any exit it chooses, the worker drains the encoder;
@@ -30,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, assert_never
 
@@ -39,6 +41,7 @@ from genserve.messages import (
     CancelJob,
     FailureKind,
     Heartbeat,
+    JobBatch,
     JobDenoised,
     JobFailure,
     JobProgress,
@@ -54,9 +57,11 @@ from genserve.messages import (
 
 if TYPE_CHECKING:
     from workers.encoder import Encoder
-    from workers.pipelines import PipelineSet
+    from workers.pipelines import JobOutput, PipelineSet
 
 log = logging.getLogger(__name__)
+
+Work = JobRequest | JobBatch  # what the main loop runs: one job, or several as one pipeline call
 
 MAX_TEXT = 4000  # characters of an error message sent to the supervisor: keeps every message one small write
 
@@ -84,22 +89,22 @@ class _Outbox:
 
 
 class _CancelBoard:
-    """Which job is running and whether someone asked to stop it (written by the reader, read by the callback)."""
+    """Which jobs are running (one, or the jobs of a batch) and which someone asked to stop (written by the reader,
+    read by the step callback)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._current: str | None = None
+        self._current: set[str] = set()
         self._canceled: set[str] = set()  # ids canceled before or while they ran
 
-    def begin(self, job_id: str) -> None:
+    def begin(self, job_ids: Iterable[str]) -> None:
         with self._lock:
-            self._current = job_id
+            self._current = set(job_ids)
 
     def end(self) -> None:
         with self._lock:
-            if self._current is not None:
-                self._canceled.discard(self._current)
-            self._current = None
+            self._canceled -= self._current
+            self._current = set()
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -110,8 +115,7 @@ class _CancelBoard:
 
     def cancel_current(self) -> None:
         with self._lock:
-            if self._current is not None:
-                self._canceled.add(self._current)
+            self._canceled |= self._current
 
     def is_canceled(self, job_id: str) -> bool:
         with self._lock:
@@ -134,9 +138,7 @@ def _configure_logging(spec: WorkerSpec) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if spec.log_level != "debug" else logging.INFO)
 
 
-def _read_pipe(
-    conn: Connection, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard, outbox: _Outbox
-) -> None:
+def _read_pipe(conn: Connection, inbox: queue.Queue[Work | Shutdown], board: _CancelBoard, outbox: _Outbox) -> None:
     while True:
         try:
             message = conn.recv()
@@ -152,9 +154,9 @@ def _read_pipe(
             return
 
 
-def _on_message(message: WorkerInbound, inbox: queue.Queue[JobRequest | Shutdown], board: _CancelBoard) -> None:
+def _on_message(message: WorkerInbound, inbox: queue.Queue[Work | Shutdown], board: _CancelBoard) -> None:
     match message:
-        case JobRequest():
+        case JobRequest() | JobBatch():
             inbox.put(message)
         case CancelJob():
             board.cancel(message.job_id)
@@ -209,7 +211,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     _configure_logging(spec)
     threading.current_thread().name = f"genserve-worker-{spec.slot}"
     outbox = _Outbox(conn)
-    inbox: queue.Queue[JobRequest | Shutdown] = queue.Queue()
+    inbox: queue.Queue[Work | Shutdown] = queue.Queue()
     board = _CancelBoard()
     threading.Thread(target=_read_pipe, args=(conn, inbox, board, outbox), name="reader", daemon=True).start()
     threading.Thread(target=_beat, args=(outbox, spec), name="heartbeat", daemon=True).start()
@@ -256,7 +258,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         message = inbox.get()
         if isinstance(message, Shutdown):
             break
-        outcome = _run_job(message, pipelines, outbox, board, encoder)
+        jobs = [message] if isinstance(message, JobRequest) else list(message.jobs)
+        outcome = _run_jobs(jobs, pipelines, outbox, board, encoder)
         if outcome is FailureKind.DEVICE_FATAL:
             # The context is poisoned: every later kernel fails too. Only a fresh process gets a working GPU back;
             # os._exit because interpreter teardown could touch CUDA again and hang. The images waiting for the
@@ -284,48 +287,90 @@ def _drain(encoder: Encoder | None) -> None:
         encoder.drain()
 
 
-def _run_job(
-    job: JobRequest, pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard, encoder: Encoder | None
-) -> FailureKind | None:
-    """Run one job and report it; returns None when it completed (or went to the encoder, which reports it), else
-    what kind of failure it was."""
-    started_at = time.time()
-    board.begin(job.job_id)
-    outbox.send(JobStarted(job_id=job.job_id, started_at=started_at))
-    try:
-        if board.is_canceled(job.job_id):
-            raise JobCanceledError("canceled before it started")
+class _Batch:
+    """The jobs of one pipeline call and which of them are still wanted: a job canceled mid-call is answered at
+    once and dropped; the call goes on for the others (its latent is computed anyway: a batch cannot shrink)."""
 
-        def on_step(step: int, total: int) -> None:
-            outbox.send(
-                JobProgress(job_id=job.job_id, step=step, total_steps=total, elapsed_s=time.time() - started_at)
+    def __init__(self, jobs: list[JobRequest], outbox: _Outbox, board: _CancelBoard) -> None:
+        self.jobs = jobs
+        self.live = list(jobs)
+        self.started_at = time.time()
+        self._outbox = outbox
+        self._board = board
+
+    def drop_canceled(self, why: str) -> None:
+        """Answer every live job someone canceled; raise JobCanceledError when none is left to run for."""
+        for job in [job for job in self.live if self._board.is_canceled(job.job_id)]:
+            self.live.remove(job)
+            log.info("job %s canceled %s", job.job_id, why)
+            failure = JobFailure(
+                job.job_id, kind=FailureKind.CANCELED, error_type="canceled", message=f"canceled {why}"
             )
-            if board.is_canceled(job.job_id):
-                raise JobCanceledError(f"canceled after step {step} of {total}")
+            self._outbox.send(failure)
+        if not self.live:
+            raise JobCanceledError(why)
 
-        output = pipelines.run(job, on_step)
-        from workers.encoder import Denoised, finish
+    def on_step(self, step: int, total: int) -> None:
+        elapsed = time.time() - self.started_at
+        for job in self.live:
+            self._outbox.send(JobProgress(job_id=job.job_id, step=step, total_steps=total, elapsed_s=elapsed))
+        self.drop_canceled(f"after step {step} of {total}")
 
-        denoised = Denoised(job=job, image=output.image, started_at=started_at, pipeline_s=output.pipeline_s)
-        if encoder is None:
-            return finish(denoised, outbox.send)  # encoded and written here, before the next job
-        # Wait for room first (the encoder is behind): JobDenoised tells the supervisor this loop is free, so it
-        # must go out only once the image is off the main thread's hands.
-        encoder.wait_for_room()
-        outbox.send(JobDenoised(job_id=job.job_id, pipeline_s=output.pipeline_s))
-        encoder.put(denoised)
+    def fail(self, kind: FailureKind, error_type: str, message: str) -> None:
+        for job in self.live:
+            self._outbox.send(JobFailure(job_id=job.job_id, kind=kind, error_type=error_type, message=message))
+
+
+def _run_jobs(
+    jobs: list[JobRequest], pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard, encoder: Encoder | None
+) -> FailureKind | None:
+    """Run one job, or a batch of them as one pipeline call, and report each; returns None when the call completed
+    (its images reported, or handed to the encoder, which reports them), else what kind of failure it was."""
+    batch = _Batch(jobs, outbox, board)
+    board.begin(job.job_id for job in jobs)
+    for job in jobs:
+        outbox.send(JobStarted(job_id=job.job_id, started_at=batch.started_at))
+    try:
+        batch.drop_canceled("before it started")
+        outputs = pipelines.run(jobs, batch.on_step)
+        _deliver(batch, outputs, outbox, encoder)
         return None
-    except JobCanceledError as exc:
-        log.info("job %s %s", job.job_id, exc)
-        outbox.send(JobFailure(job_id=job.job_id, kind=FailureKind.CANCELED, error_type="canceled", message=str(exc)))
-        return FailureKind.CANCELED
+    except JobCanceledError:
+        return FailureKind.CANCELED  # each job was answered when its cancel was seen
     except Exception as exc:
         from workers.pipelines import classify_error
 
         kind = classify_error(exc)
-        log.exception("job %s failed (%s)", job.job_id, kind.value)
-        message = (str(exc) or type(exc).__name__)[:MAX_TEXT]
-        outbox.send(JobFailure(job_id=job.job_id, kind=kind, error_type=type(exc).__name__, message=message))
+        log.exception("job %s failed (%s)", ", ".join(job.job_id for job in batch.live), kind.value)
+        batch.fail(kind, type(exc).__name__, (str(exc) or type(exc).__name__)[:MAX_TEXT])
         return kind
     finally:
         board.end()
+
+
+def _deliver(batch: _Batch, outputs: list[JobOutput], outbox: _Outbox, encoder: Encoder | None) -> None:
+    """Encode and report each wanted image here, or hand them all to the encoder thread."""
+    from workers.encoder import Denoised, finish
+
+    denoised = [
+        Denoised(
+            job=job,
+            image=output.image,
+            started_at=batch.started_at,
+            pipeline_s=output.pipeline_s,
+            batch_size=len(batch.jobs),
+        )
+        for job, output in zip(batch.jobs, outputs, strict=True)
+        if job in batch.live
+    ]
+    if encoder is None:
+        for done in denoised:
+            finish(done, outbox.send)  # encoded and written here, before the next job
+        return
+    # Wait for room first (the encoder is behind): JobDenoised tells the supervisor this loop is free, so it must go
+    # out only once the images are off the main thread's hands. A batch's images go over together (they are in
+    # memory already; holding them here would cost the same).
+    encoder.wait_for_room()
+    for done in denoised:
+        outbox.send(JobDenoised(job_id=done.job.job_id, pipeline_s=done.pipeline_s))
+        encoder.put(done)

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,14 @@ class JobOutput:
 
     image: Image.Image  # the job's output, on the host
     pipeline_s: float  # seconds inside the pipeline call (prompt encoding, denoising, VAE decode)
+
+
+def _per_image(file: ImageFile, batch: int) -> Image.Image | list[Image.Image]:
+    """The input picture, once per image of a batch: the pipelines then encode it with each image's own generator
+    (the VAE samples its latent), as a job alone would, instead of drawing every image's from the first seed; and
+    ControlNet img2img does not repeat a single control image to the batch itself."""
+    picture = image_file_to_pil(file)
+    return picture if batch == 1 else [picture] * batch
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -193,7 +201,7 @@ class PipelineSet:
             raise MemoryPlanRefusedError(plan)
         log.info("%s", describe(plan))
 
-        models = load_models(paths, plan, device, dtype)
+        models = load_models(paths, plan, device, dtype, fuse_qkv=spec.performance.fuse_qkv)
         base = models.base
         pipes: dict[str, Any] = {"text2img": base}
         # The other pipelines are built from the base's very modules (no copy, no cast): cheaper than from_pipe,
@@ -266,71 +274,83 @@ class PipelineSet:
                 controlnet_conditioning_scale=0.7,
                 output_path=str(Path(folder) / "out.png"),
             )
-            self.run(job, lambda step, total: None)
+            self.run([job], lambda step, total: None)
 
-    def run(self, job: JobRequest, on_step: StepCallback) -> JobOutput:
-        """Run one job; ``on_step`` may raise to stop the denoising loop at once."""
-        pipe_name, kwargs = self._arguments(job)
+    def run(self, jobs: Sequence[JobRequest], on_step: StepCallback) -> list[JobOutput]:
+        """Run one job, or the images of one request as one batched call (a JobBatch: the jobs differ only in seed
+        and output); one output per job, in order. ``on_step`` may raise to stop the denoising loop at once.
+
+        A batch encodes the prompt once and denoises one latent per job, each drawn from its own seed's generator,
+        so each image is the one its seed gives alone (up to the rounding of a batched matmul)."""
+        first = jobs[0]
+        pipe_name, kwargs = self._arguments(first, len(jobs))
         pipe = self._pipes[pipe_name]
 
         def step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             # Raising here (rather than setting pipe._interrupt) leaves the loop at once and also skips the
             # VAE decode of a picture nobody will receive.
-            on_step(step + 1, int(getattr(pipeline, "num_timesteps", 0) or job.num_inference_steps))
+            on_step(step + 1, int(getattr(pipeline, "num_timesteps", 0) or first.num_inference_steps))
             return callback_kwargs
 
-        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs]
         began = time.perf_counter()
         self._offloader.before_job(pipe)
-        self._speed.before_job(job.width, job.height, pipe_name)
+        self._speed.before_job(first.width, first.height, pipe_name)
         with torch.inference_mode():
-            prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, job.prompt)
-            image = pipe(
+            prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, first.prompt, len(jobs))
+            images = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale,
-                generator=generator,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators[0] if len(jobs) == 1 else generators,
                 callback_on_step_end=step_end,
                 output_type="pil",
                 **kwargs,
-            ).images[0]
-        return JobOutput(image=image, pipeline_s=time.perf_counter() - began)
+            ).images
+        pipeline_s = time.perf_counter() - began
+        return [JobOutput(image=image, pipeline_s=pipeline_s) for image in images]
 
-    def _encode_prompt(self, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 and CLIP embeddings of the prompt, computed where the text encoders live and moved to where the job
-        runs (the same encode_prompt call the pipeline would make itself)."""
+    def _encode_prompt(self, pipe: Any, prompt: str, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 and CLIP embeddings of the prompt, computed once where the text encoders live, moved to where the job
+        runs and repeated for each image of a batch (the same encode_prompt call the pipeline would make itself;
+        diffusers' Flux pipelines do not repeat embeddings that are passed in, so num_images_per_prompt cannot)."""
         prompt_embeds, pooled_prompt_embeds, _text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=self._offloader.encode_device(pipe), max_sequence_length=512
         )
         target = execution_device(pipe)
         dtype = pipe.transformer.dtype
-        return prompt_embeds.to(target, dtype), pooled_prompt_embeds.to(target, dtype)
+        return (
+            prompt_embeds.to(target, dtype).repeat(copies, 1, 1),
+            pooled_prompt_embeds.to(target, dtype).repeat(copies, 1),
+        )
 
-    def _arguments(self, job: JobRequest) -> tuple[str, dict[str, Any]]:
-        """Which pipeline runs the job, and the mode-specific keyword arguments."""
+    def _arguments(self, job: JobRequest, batch: int) -> tuple[str, dict[str, Any]]:
+        """Which pipeline runs the job (or a batch of ``batch`` like it), and the mode-specific keyword arguments."""
         if job.mode == "text2img":
             return "text2img", {}
         if job.mode == "img2img":
             assert job.input_image is not None
-            return "img2img", {"image": image_file_to_pil(job.input_image), "strength": job.strength}
+            return "img2img", {"image": _per_image(job.input_image, batch), "strength": job.strength}
         if job.mode == "fill":
             assert job.input_image is not None and job.mask_image is not None
             return "fill", {
-                "image": image_file_to_pil(job.input_image),
-                "mask_image": image_file_to_pil(job.mask_image),
+                "image": _per_image(job.input_image, batch),
+                "mask_image": _per_image(job.mask_image, batch),
             }
         assert job.control_image is not None
         kwargs: dict[str, Any] = {
-            "control_image": image_file_to_pil(job.control_image),
+            "control_image": _per_image(job.control_image, batch),
             "controlnet_conditioning_scale": job.controlnet_conditioning_scale,
         }
         union = getattr(self._pipes["controlnet"].controlnet.config, "num_mode", None)
         kwargs["control_mode"] = job.control_mode if union else None
         if job.input_image is not None:
-            kwargs.update(image=image_file_to_pil(job.input_image), strength=job.strength)
+            kwargs.update(image=_per_image(job.input_image, batch), strength=job.strength)
+            if union and batch > 1:  # this pipeline, unlike the other, does not repeat the mode over the batch
+                kwargs["control_mode"] = [job.control_mode] * batch
             return "controlnet_img2img", kwargs
         return "controlnet", kwargs
 

@@ -197,27 +197,18 @@ def request_timeout(request: Request, prepared: PreparedJob, cap: float) -> floa
 
 
 async def submit(request: Request, service: Service, prepared: PreparedJob) -> Job:
-    timeout_s = request_timeout(request, prepared, service.config.queue.task_timeout_s)
-    owner = getattr(request.state, "api_key", None)
-    try:
-        return await run_in_threadpool(service.jobs.submit, prepared, owner=owner, timeout_s=timeout_s)
-    except GenServeError as exc:
-        raise exc.with_context(
-            task_id=prepared.request.job_id, model_id=prepared.model_id, mode=prepared.request.mode
-        ) from None
+    return (await submit_all(request, service, [prepared]))[0]
 
 
 async def submit_all(request: Request, service: Service, batch: list[PreparedJob]) -> list[Job]:
-    """Queue every image of a request, or none: a refusal half-way takes back what was queued."""
-    jobs: list[Job] = []
+    """Queue every image of a request, or none (the job manager admits them together)."""
+    first = batch[0]
+    timeout_s = request_timeout(request, first, service.config.queue.task_timeout_s)
+    owner = getattr(request.state, "api_key", None)
     try:
-        for prepared in batch:
-            jobs.append(await submit(request, service, prepared))
-    except GenServeError:
-        for job in jobs:
-            service.supervisor.cancel(job, CancelReason.SIBLING_REFUSED)
-        raise
-    return jobs
+        return await run_in_threadpool(service.jobs.submit_all, batch, owner=owner, timeout_s=timeout_s)
+    except GenServeError as exc:
+        raise exc.with_context(task_id=first.request.job_id, model_id=first.model_id, mode=first.request.mode) from None
 
 
 async def wait_for_jobs(request: Request, service: Service, jobs: list[Job]) -> None:

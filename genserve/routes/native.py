@@ -65,6 +65,7 @@ def _render_success(jobs: list[Job], prepared: PreparedJob, elapsed: float) -> b
             "queue_s": round(max(0.0, result.started_at - job.submitted_at), 6),
             "pipeline_s": round(result.pipeline_s, 6),
             "encode_s": round(result.encode_s, 6),
+            "batch_size": result.batch_size,
             "total_s": round(elapsed, 6),
             "started_at": result.started_at,
         },

@@ -10,108 +10,28 @@ import os
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from PIL import Image
 
-from genserve.config import Config
 from genserve.errors import ShuttingDown
-from genserve.jobs import Job, JobState
-from genserve.messages import CancelReason, JobRequest
-from genserve.supervisor import Supervisor, WorkerState
+from genserve.jobs import JobState
+from genserve.messages import CancelReason
+from genserve.supervisor import WorkerState
 from tests.conftest import Gates
-from tests.scripted_worker import FAIL_STARTUP, REFUSE_PLAN, run_scripted_worker
+from tests.pool import (
+    WAIT_S,
+    PoolFactory,
+    encoding,
+    make_job,
+    red_of,
+    wait_busy,
+    wait_encoding,
+    wait_ready,
+    worker,
+)
+from tests.scripted_worker import FAIL_STARTUP, REFUSE_PLAN
 from tests.server import wait_until
-
-WAIT_S = 30  # generous bound for anything a test waits for; passing runs take a fraction of it
-
-
-def make_config(model_dir: Path, overlap_encoding: bool = True, **workers: Any) -> Config:
-    settings: dict[str, Any] = {
-        "heartbeat_interval_s": 0.1,
-        "restart_backoff_s": 0.05,
-        "restart_backoff_max_s": 0.4,
-        "shutdown_timeout_s": 5,
-        "parallel_loads": 0,
-    }
-    settings.update(workers)
-    return Config.model_validate(
-        {
-            "model": {"path": str(model_dir), "modes": ["text2img"]},
-            "workers": settings,
-            "performance": {"overlap_encoding": overlap_encoding},
-        }
-    )
-
-
-def make_job(
-    out: Path, prompt: str = "a cat", priority: int = 0, steps: int = 2, timeout_s: float = 60, seed: int = 7
-) -> Job:
-    job_id = uuid.uuid4().hex
-    request = JobRequest(
-        job_id=job_id,
-        mode="text2img",
-        prompt=prompt,
-        width=16,
-        height=16,
-        num_inference_steps=steps,
-        guidance_scale=3.5,
-        seed=seed,
-        strength=0.8,
-        input_image=None,
-        mask_image=None,
-        control_image=None,
-        control_mode=None,
-        controlnet_conditioning_scale=0.7,
-        output_path=str(out / f"{job_id}.png"),
-    )
-    return Job.create(request, priority, timeout_s)
-
-
-PoolFactory = Callable[..., Supervisor]
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def pool(tmp_path: Path, model_dir: Path) -> Iterator[PoolFactory]:
-    started: list[Supervisor] = []
-
-    def start(workers: int = 1, on_fatal: Callable[[str], None] | None = None, **settings: Any) -> Supervisor:
-        config = make_config(model_dir, **settings)
-        supervisor = Supervisor(
-            config, ["cpu"] * workers, ("text2img",), worker_target=run_scripted_worker, on_fatal=on_fatal
-        )
-        started.append(supervisor)
-        supervisor.start()
-        return supervisor
-
-    yield start
-    for supervisor in started:
-        supervisor.shutdown()
-
-
-def worker(supervisor: Supervisor, slot: int = 0) -> dict[str, Any]:
-    state: dict[str, Any] = supervisor.status()["workers"][slot]
-    return state
-
-
-def wait_ready(supervisor: Supervisor, count: int | None = None) -> None:
-    count = supervisor.total_workers() if count is None else count
-    wait_until(lambda: supervisor.ready_count() >= count, WAIT_S, 0.01, f"{count} ready worker(s)")
-
-
-def wait_busy(supervisor: Supervisor, job: Job) -> None:
-    wait_until(lambda: job.state is JobState.RUNNING and job.started_at, WAIT_S, 0.01, f"job {job.id} to start")
 
 
 def test_dispatch_is_lowest_priority_value_first_then_fifo(pool: PoolFactory, tmp_path: Path, gates: Gates) -> None:
@@ -344,22 +264,6 @@ def test_parallel_loads_bounds_how_many_workers_load_at_once(pool: PoolFactory) 
 
 
 # --- overlapped encoding (performance.overlap_encoding) ------------------------------------------------------------
-
-
-def encoding(supervisor: Supervisor, slot: int = 0) -> list[str]:
-    jobs: list[str] = worker(supervisor, slot)["encoding_jobs"]
-    return jobs
-
-
-def wait_encoding(supervisor: Supervisor, jobs: list[Job]) -> None:
-    ids = [job.id for job in jobs]
-    wait_until(lambda: encoding(supervisor) == ids, WAIT_S, 0.01, f"{ids} to be encoding")
-
-
-def red_of(job: Job) -> int:
-    with Image.open(job.request.output_path) as image:
-        red: int = image.getpixel((0, 0))[0]
-    return red
 
 
 def test_a_denoised_job_encodes_while_the_next_runs_and_at_most_one_image_waits(
