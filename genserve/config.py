@@ -293,7 +293,11 @@ class PerformanceConfig(_Section):
         description="Attention backend (diffusers' dispatcher): native | flash | flash3 | sage | auto (the fastest "
         "available on the device). An unavailable one stops the start with a message.",
     )
-    fuse_qkv: bool = Field(True, description="Fuse each attention's q/k/v projections (unquantised transformers).")
+    fuse_qkv: bool = Field(
+        True,
+        description="Fuse each attention's q/k/v projections into one matmul; fp8/int8 transformers are fused "
+        "before they are quantised (nf4 ones stay unfused).",
+    )
     channels_last_vae: bool = Field(True, description="Run the VAE in channels-last memory format on CUDA.")
     vae_tiling_above: int = Field(
         1536,

@@ -92,7 +92,7 @@ class PerformanceSettings:
     compile_cache_dir: str  # inductor's on-disk caches, shared by every worker start (a respawn reuses them)
     warmup_sizes: tuple[tuple[int, int], ...]  # (width, height) run once per mode before ready, so no request compiles
     attention: Attention  # diffusers' attention backend; auto picks the fastest available on the device
-    fuse_qkv: bool  # fuse q/k/v projections of unquantised transformers into one matmul
+    fuse_qkv: bool  # fuse q/k/v projections into one matmul (fp8/int8 transformers before quantising; nf4 never)
     channels_last_vae: bool  # the VAE in channels-last memory format (CUDA)
     vae_tiling_above: int  # decode in tiles when width x height exceeds this squared (pixels); 0: never
     overlap_encoding: bool  # encode and write each PNG on a thread while the next job denoises

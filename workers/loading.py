@@ -74,6 +74,9 @@ def quantization_config(library: Library, quantization: Quantization, dtype: tor
     return module.TorchAoConfig(quant_type) if library == "diffusers" else module.TorchAoConfig(quant_type=quant_type)
 
 
+HOST_HEADROOM = 1.15  # the unquantised model plus room for the rest of the worker while it is fused and quantised
+
+
 class _Placer:
     """from_pretrained arguments and the move after loading, per model, from the plan."""
 
@@ -82,13 +85,36 @@ class _Placer:
         self.dtype = dtype
         self._placement = {component.name: component.placement for component in plan.components}
         self._quantize = dict(plan.quantize)
+        self._params = {component.name: component.params for component in plan.components}
         self._fuse_qkv = fuse_qkv
+        self._fuses: dict[str, bool] = {}  # decided once per model, before it loads
 
     def quantization(self, name: str) -> Quantization:
         return self._quantize.get(name, "none")
 
     def fuses_before_quantising(self, name: str) -> bool:
-        return self._fuse_qkv and name in TRANSFORMERS and self.quantization(name) in TORCHAO_QUANTIZATIONS
+        if name not in self._fuses:
+            wanted = self._fuse_qkv and name in TRANSFORMERS and self.quantization(name) in TORCHAO_QUANTIZATIONS
+            self._fuses[name] = wanted and self._host_holds_unquantised(name)
+        return self._fuses[name]
+
+    def _host_holds_unquantised(self, name: str) -> bool:
+        """Fusing first loads the model unquantised on the host: with too little host memory for that, it loads
+        quantised as it would without fusion (q/k/v stay unfused) rather than run the host out of memory."""
+        import psutil
+
+        needed = self._params.get(name, 0) * self.dtype.itemsize * HOST_HEADROOM
+        free = psutil.virtual_memory().available
+        if needed <= free:
+            return True
+        log.warning(
+            "%s: fusing q/k/v before quantising needs the unquantised model on the host (%.1f GiB with headroom), "
+            "%.1f GiB is free: loading it quantised, q/k/v unfused",
+            name,
+            needed / 2**30,
+            free / 2**30,
+        )
+        return False
 
     def load_kwargs(self, name: str, library: Library) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.dtype}

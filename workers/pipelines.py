@@ -295,7 +295,7 @@ class PipelineSet:
         generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs]
         began = time.perf_counter()
         self._offloader.before_job(pipe)
-        self._speed.before_job(first.width, first.height, pipe_name)
+        self._speed.before_job(first.width, first.height, pipe_name, len(jobs))
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, first.prompt, len(jobs))
             images = pipe(

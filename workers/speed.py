@@ -201,7 +201,7 @@ class Speed:
         self.device = device
         self.plan = plan
         self.attention = "native"
-        self._warmed: set[tuple[str, int, int]] = set()  # (pipeline, width, height) run since start
+        self._warmed: set[tuple[str, int, int, int]] = set()  # (pipeline, width, height, batch) run since start
         self._vae: Any = None
         self._tiling = False
 
@@ -250,7 +250,7 @@ class Speed:
             for width, height in self.settings.warmup_sizes:
                 for pipeline in pipelines:
                     log.info("warming up %s at %dx%d", pipeline, width, height)
-                    self._warmed.add((pipeline, width, height))
+                    self._warmed.add((pipeline, width, height, 1))
                     run(pipeline, width, height)
         inductor = counters["inductor"]
         return CompileStats(
@@ -259,12 +259,14 @@ class Speed:
             cache_misses=int(inductor.get("fxgraph_cache_miss", 0)),
         )
 
-    def before_job(self, width: int, height: int, pipeline: str) -> None:
-        """Per job: VAE tiling by size; a compiled size outside the warmed set is logged once."""
+    def before_job(self, width: int, height: int, pipeline: str, batch: int = 1) -> None:
+        """Per pipeline call: VAE tiling by image size; a compiled shape (size and batch) outside the warmed set is
+        logged once (warm-up runs single images: the first batch of each size may compile once)."""
         self._set_tiling(width, height)
-        if self.settings.compile != "off" and (pipeline, width, height) not in self._warmed:
-            self._warmed.add((pipeline, width, height))
-            log.info("%s at %dx%d was not warmed up: it may compile once now", pipeline, width, height)
+        if self.settings.compile != "off" and (pipeline, width, height, batch) not in self._warmed:
+            self._warmed.add((pipeline, width, height, batch))
+            shape = f"{width}x{height}" + (f" in a batch of {batch}" if batch > 1 else "")
+            log.info("%s at %s was not warmed up: it may compile once now", pipeline, shape)
 
     def _set_tiling(self, width: int, height: int) -> None:
         threshold = self.settings.vae_tiling_above

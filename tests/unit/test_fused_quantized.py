@@ -4,6 +4,7 @@ int8 stands in for fp8 here (torchao's fp8 needs a GPU); both take per-row weigh
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,22 @@ def test_the_speed_settings_see_the_fusion_done_at_load(
         "q/k/v projections left unfused in transformer, fill, controlnet: quantised while loading, not fused first "
         "(load_models was not asked to fuse)",
     ]
+
+
+def test_with_too_little_host_memory_for_the_unquantised_model_it_loads_quantised_unfused(
+    paths: ModelPaths, plan: MemoryPlan, caplog: pytest.LogCaptureFixture
+) -> None:
+    import psutil
+
+    # A plan whose base transformer claims more parameters than this host's free memory holds unquantised.
+    huge = psutil.virtual_memory().available  # parameters: at 4 bytes each, four times what is free
+    components = tuple(
+        dataclasses.replace(component, params=huge) if component.name == "transformer" else component
+        for component in plan.components
+    )
+    models = transformers_of(
+        load_models(paths, dataclasses.replace(plan, components=components), "cpu", torch.float32, fuse_qkv=True)
+    )
+    assert not any(attention.fused_projections for attention in attentions(models["transformer"]))
+    assert all(attention.fused_projections for attention in attentions(models["fill"]))  # small enough: fused
+    assert "fusing q/k/v before quantising needs the unquantised model on the host" in caplog.text

@@ -137,6 +137,9 @@ def test_a_size_outside_the_warmed_set_is_logged_once(caplog: pytest.LogCaptureF
         speed.before_job(64, 64, "text2img")
         speed.before_job(96, 80, "text2img")
         speed.before_job(96, 80, "text2img")
+        speed.before_job(64, 64, "text2img", batch=2)  # warm-up runs single images: a batch is another shape
+        speed.before_job(64, 64, "text2img", batch=2)
     assert [record.getMessage() for record in caplog.records] == [
-        "text2img at 96x80 was not warmed up: it may compile once now"
+        "text2img at 96x80 was not warmed up: it may compile once now",
+        "text2img at 64x64 in a batch of 2 was not warmed up: it may compile once now",
     ]
