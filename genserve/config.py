@@ -315,6 +315,13 @@ class PerformanceConfig(_Section):
         "fewer idle workers than images; 1: never batch. A batch never holds more pixels than one limits.max_size² "
         "image, the size the memory plan reserves activations for.",
     )
+    batch_pixels: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Most pixels (width × height × images) in one batch. Batching pays where one image leaves the "
+        "device underused; at about a megapixel a FLUX image fills a GPU, and on a CPU a larger batch was slower "
+        "than one image after another (tools/bench_batching.py).",
+    )
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -997,15 +997,17 @@ class Supervisor:
     def _batch_size(self, job: Job, idle_workers: int) -> int:
         """How many images of ``job``'s group one worker takes now: its share when the group's images are spread
         evenly over the idle workers (so they all finish together; one worker running all that are left would
-        finish last), at most performance.max_batch, and never more pixels than one limits.max_size² image, the
-        largest activations the memory plan reserves for."""
+        finish last), at most performance.max_batch, no more pixels than performance.batch_pixels (past it a
+        batch no longer pays) and never more than one limits.max_size² image, the largest activations the memory
+        plan reserves for."""
         if job.schedule.group is None:
             return 1
         waiting = 1 + self._queue.group_size(job.schedule.group)
         share = math.ceil(waiting / idle_workers)
-        largest = self.config.limits.max_size**2
-        fits = max(1, largest // (job.request.width * job.request.height))
-        return min(share, self.config.performance.max_batch, fits)
+        performance = self.config.performance
+        pixels = min(self.config.limits.max_size**2, performance.batch_pixels)
+        fits = max(1, pixels // (job.request.width * job.request.height))
+        return min(share, performance.max_batch, fits)
 
     def _hand_over(self, slot: WorkerSlot, batch: list[Job]) -> None:
         for job in batch:

@@ -25,6 +25,7 @@ def make_config(
     model_dir: Path,
     overlap_encoding: bool = True,
     max_batch: int = 4,
+    batch_pixels: int = 1024 * 1024,
     limits: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
     **workers: Any,
@@ -41,7 +42,7 @@ def make_config(
         {
             "model": {"path": str(model_dir), "modes": ["text2img"]},
             "workers": settings,
-            "performance": {"overlap_encoding": overlap_encoding, "max_batch": max_batch},
+            "performance": {"overlap_encoding": overlap_encoding, "max_batch": max_batch, "batch_pixels": batch_pixels},
             "limits": limits or {},
             "defaults": defaults or {},
         }

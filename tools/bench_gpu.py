@@ -10,8 +10,8 @@ run, built it under the same --model-dir) with ``python -m genserve``, once per 
 2. compile: ``compile: transformer`` (each repeated block compiled once; fusion off, native attention);
 3. compile + fused QKV + best attention: ``compile: transformer``, ``fuse_qkv: true``, ``attention: auto`` (FA3 on a
    Hopper card that has it, else FA2, else PyTorch's SDPA: the table says which the worker took);
-4. + fp8: variant 3 with ``memory: {strategy: quantized, auto_quantization: fp8}`` (torchao; the fp8 transformer is
-   left unfused, as the worker never fuses a quantised one).
+4. + fp8: variant 3 with ``memory: {strategy: quantized, auto_quantization: fp8}`` (torchao per-row fp8; the
+   transformer's q/k/v are fused before it is quantised).
 
 Every server has ``model.modes: [text2img]`` (one graph set to compile), ``performance.warmup_sizes`` at the timed size
 (the worker compiles before it reports ready, so no timed job pays a compile) and its compile cache in
@@ -146,7 +146,7 @@ VARIANTS = {
         ),
         Variant(
             "fp8",
-            "compile-fused + fp8 transformer (quantised: left unfused)",
+            "compile + fused QKV + best attention + fp8 transformer",
             _FASTEST,
             {"strategy": "quantized", "auto_quantization": "fp8"},
             needs_gpu=True,

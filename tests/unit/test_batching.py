@@ -69,11 +69,12 @@ def test_images_spread_over_idle_workers_first_and_the_rest_batch_evenly(
     [
         ({"max_batch": 1}, [1, 1, 1]),
         ({"max_batch": 2}, [2, 2, 1]),
+        ({"batch_pixels": 2 * 16 * 16}, [2, 2, 1]),  # two 16² images in a batch at most
         # The memory plan reserves activations for one limits.max_size² image: 16² holds one 16² image, 32² four
         ({"limits": {"min_size": 16, "max_size": 16}, "defaults": {"width": 16, "height": 16}}, [1, 1, 1]),
         ({"limits": {"min_size": 16, "max_size": 32}, "defaults": {"width": 16, "height": 16}}, [3, 3, 3]),
     ],
-    ids=["max-batch-1", "max-batch-2", "reserve-fits-one", "reserve-fits-four"],
+    ids=["max-batch-1", "max-batch-2", "batch-pixels", "reserve-fits-one", "reserve-fits-four"],
 )
 def test_a_batch_is_capped_by_max_batch_and_by_the_largest_image_allowed(
     pool: PoolFactory, tmp_path: Path, settings: dict[str, object], expected: list[int]
@@ -108,11 +109,13 @@ def test_one_image_of_a_batch_is_canceled_on_its_own_while_the_others_finish(
     gate = gates.new()
     first, second, third = supervisor.submit_all(request_for(tmp_path, 3, gates.marker(gate)))
     wait_until(lambda: running([first, second, third]), WAIT_S, 0.01, "the batch to start")
-    assert worker(supervisor)["current_jobs"] == [first.id, second.id, third.id]
+    wait_until(lambda: worker(supervisor)["current_jobs"] == [first.id, second.id, third.id], WAIT_S, 0.01, "batch")
     supervisor.cancel(second, CancelReason.CLIENT)
     assert second.wait_done(WAIT_S) and second.state is JobState.CANCELED
     assert not first.done and not third.done
-    assert worker(supervisor)["current_jobs"] == [first.id, third.id] and worker(supervisor)["state"] == "busy"
+    # The snapshot is published at the end of the monitor's turn, a moment after the job ended.
+    wait_until(lambda: worker(supervisor)["current_jobs"] == [first.id, third.id], WAIT_S, 0.01, "two jobs left")
+    assert worker(supervisor)["state"] == "busy"
     gates.open(gate)
     finish_all([first, third])
     assert batch_sizes([first, third]) == [3, 3]
@@ -158,4 +161,5 @@ def test_a_failed_batch_fails_each_of_its_images(pool: PoolFactory, tmp_path: Pa
     for job in jobs:
         assert job.wait_done(WAIT_S) and job.state is JobState.FAILED
         assert job.error is not None and "injected pipeline failure" in str(job.error)
-    assert worker(supervisor)["state"] == "ready" and worker(supervisor)["current_jobs"] == []
+    wait_until(lambda: worker(supervisor)["current_jobs"] == [], WAIT_S, 0.01, "the worker to let go of the batch")
+    assert worker(supervisor)["state"] == "ready"
