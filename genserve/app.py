@@ -22,7 +22,7 @@ from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.middleware import BodySizeLimit
 from genserve.retention import Retention
-from genserve.routes import compat, native, openai, process
+from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
 from genserve.startup_checks import hardware_problems
@@ -95,6 +95,7 @@ def create_app(
     app.include_router(compat.router)
     app.include_router(openai.router)
     app.include_router(process.router)
+    app.include_router(loras.router)
     return app
 
 

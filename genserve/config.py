@@ -471,6 +471,25 @@ class LimitsConfig(_Section):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+class LorasConfig(_Section):
+    dir: str = Field(
+        "loras",
+        description="Folder of the LoRA catalogue: each NAME.safetensors in it is the LoRA NAME; uploads land here.",
+    )
+    max_per_request: int = Field(4, ge=1, description="Most LoRAs one request may apply at once.")
+    max_loaded: int = Field(
+        8, ge=1, description="LoRAs each worker keeps loaded at once; beyond it the least recently used is unloaded."
+    )
+    max_upload_mb: float = Field(512.0, gt=0, description="Largest LoRA file POST /loras accepts.")
+    max_weight: float = Field(
+        4.0, gt=0, description="A request's LoRA weights must lie within [-max_weight, max_weight]."
+    )
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -486,6 +505,7 @@ class Config(_Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    loras: LorasConfig = Field(default_factory=LorasConfig)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Config:

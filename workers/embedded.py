@@ -1,8 +1,9 @@
 """The embedded model: a tiny random-weight FLUX.1 family built locally, in code.
 
-Runs in a **worker process** (the process that owns the diffusers pipelines), never in the
-FastAPI front end: ``ensure_embedded_model`` imports torch/diffusers/transformers lazily and
-builds a few-MB model on the CPU the first time it is needed.
+Runs in a **worker process** (the process that owns the diffusers pipelines) and, for the LoRA
+catalogue (genserve.loras), in the API process's thread pool on the first /loras request — never on
+its event loop: ``ensure_embedded_model`` imports torch/diffusers/transformers lazily and builds a
+few-MB model on the CPU the first time it is needed.
 
 Why it exists: a fresh machine may have no GPU and no FLUX.1-dev weights (they are gated and
 tens of GB), yet GenServe must still start, serve every endpoint and run its tests through the
@@ -21,6 +22,9 @@ Layout written under ``cache_dir/<versioned name>/``:
                    (in_channels=384, out_channels=64)
 * ``controlnet/``  ``FluxControlNetModel.save_pretrained`` output (union ControlNet,
                    num_mode=10; ``control_mode`` must be passed to the pipelines)
+* ``loras/``       two rank-4 LoRAs for the base transformer in diffusers/PEFT format
+                   (``embedded-style.safetensors``, ``embedded-detail.safetensors``): random, with
+                   non-zero ``lora_B``, so applying one visibly changes an image
 
 The build is deterministic (fixed seed per component, so two builds give bit-identical
 weights) and safe against concurrent callers (``fcntl.flock`` + build in a temporary sibling
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the front end may import this module
+    import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -57,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever anything below changes the produced files: it is part of the folder name, so
 # an old cache is simply ignored (never half-reused).
-EMBEDDED_MODEL_VERSION: str = "1"
+EMBEDDED_MODEL_VERSION: str = "2"
 
 _FOLDER_NAME = f"flux-embedded-v{EMBEDDED_MODEL_VERSION}"
 _MARKER_NAME = "EMBEDDED_MODEL_COMPLETE.json"
@@ -73,6 +78,8 @@ _SEED_OFFSETS: dict[str, int] = {
     "transformer": 4,
     "fill_transformer": 5,
     "controlnet": 6,
+    "lora_embedded-style": 7,
+    "lora_embedded-detail": 8,
 }
 
 # --- recipe -------------------------------------------------------------------------------
@@ -99,6 +106,19 @@ _TRANSFORMER_SHAPE: dict[str, Any] = {
     "guidance_embeds": True,  # FLUX.1-dev is guidance-distilled
     "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim, each even
 }
+# Names of the embedded LoRAs (files loras/NAME.safetensors).
+EMBEDDED_LORAS: tuple[str, ...] = ("embedded-style", "embedded-detail")
+_LORA_RANK = 4
+# Every attention projection of the double blocks; "detail" also adapts the single blocks' MLP input, so the two
+# LoRAs differ in what they touch as well as in their weights.
+_LORA_DOUBLE_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+_LORA_SINGLE_TARGETS: dict[str, tuple[str, ...]] = {"embedded-style": (), "embedded-detail": ("proj_mlp",)}
+# lora_B's std, relative to 1/sqrt(rank): with lora_A at 1/sqrt(in_features), B @ A has about this many times the
+# spread of the base weights (default nn.Linear init). The tiny random model damps a change a lot: at 0.5 weight 1.0
+# moved a 64x64 image's pixels by 0.005 on average; at 4 it moves them by about 0.04 (the image's own std is 0.16),
+# clearly visible, and still finite at loras.max_weight.
+_LORA_B_SCALE = 4.0
+
 # FLUX.1-dev's scheduler/scheduler_config.json
 _SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -118,6 +138,7 @@ class EmbeddedModelPaths:
     base: Path  # FluxPipeline.from_pretrained(base)
     fill: Path  # FluxTransformer2DModel.from_pretrained(fill, subfolder="transformer")
     controlnet: Path  # FluxControlNetModel.from_pretrained(controlnet)
+    loras: Path  # NAME.safetensors LoRAs of the base transformer: pipe.load_lora_weights(loras / "NAME.safetensors")
 
 
 def ensure_embedded_model(cache_dir: Path) -> EmbeddedModelPaths:
@@ -164,7 +185,9 @@ def ensure_embedded_model(cache_dir: Path) -> EmbeddedModelPaths:
 
 
 def _paths(root: Path) -> EmbeddedModelPaths:
-    return EmbeddedModelPaths(base=root / "base", fill=root / "fill", controlnet=root / "controlnet")
+    return EmbeddedModelPaths(
+        base=root / "base", fill=root / "fill", controlnet=root / "controlnet", loras=root / "loras"
+    )
 
 
 def _is_complete(root: Path) -> bool:
@@ -323,6 +346,43 @@ def _build_components(root: Path) -> None:
     pipe.save_pretrained(root / "base", safe_serialization=True)
     fill_transformer.save_pretrained(root / "fill" / "transformer", safe_serialization=True)
     controlnet.save_pretrained(root / "controlnet", safe_serialization=True)
+    for name in EMBEDDED_LORAS:
+        with _seeded(f"lora_{name}"):
+            _save_lora(_make_lora(transformer, name), root / "loras" / f"{name}.safetensors", name)
+
+
+def _make_lora(transformer: FluxTransformer2DModel, name: str) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA in diffusers/PEFT naming (transformer.<module>.lora_A/lora_B.weight), lora_B not zero."""
+    import torch
+
+    modules = dict(transformer.named_modules())
+    targets = [
+        f"transformer_blocks.{index}.{suffix}"
+        for index in range(len(transformer.transformer_blocks))
+        for suffix in _LORA_DOUBLE_TARGETS
+    ]
+    targets += [
+        f"single_transformer_blocks.{index}.{suffix}"
+        for index in range(len(transformer.single_transformer_blocks))
+        for suffix in _LORA_SINGLE_TARGETS[name]
+    ]
+    tensors: dict[str, torch.Tensor] = {}
+    for target in targets:
+        linear = modules[target]
+        assert isinstance(linear, torch.nn.Linear), target
+        down = torch.randn(_LORA_RANK, linear.in_features) / linear.in_features**0.5
+        up = torch.randn(linear.out_features, _LORA_RANK) * (_LORA_B_SCALE / _LORA_RANK**0.5)
+        tensors[f"transformer.{target}.lora_A.weight"] = down.contiguous()
+        tensors[f"transformer.{target}.lora_B.weight"] = up.contiguous()
+    return tensors
+
+
+def _save_lora(tensors: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "genserve_embedded_lora": name, "rank": str(_LORA_RANK)}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def make_clip_tokenizer(scratch: Path) -> PreTrainedTokenizerBase:
