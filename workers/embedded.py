@@ -8,7 +8,7 @@ few-MB model on the CPU the first time it is needed.
 Why it exists: a fresh machine may have no GPU and no FLUX.1-dev weights (they are gated and
 tens of GB), yet GenServe must still start, serve every endpoint and run its tests through the
 *real* diffusers code path (``FluxPipeline``, ``FluxImg2ImgPipeline``, ``FluxFillPipeline``,
-``FluxControlNetPipeline``, ``FluxControlNetImg2ImgPipeline``).  The embedded model has the
+``FluxControlNetPipeline``, ``FluxControlNetImg2ImgPipeline``, ``FluxPriorReduxPipeline``).  The embedded model has the
 real FLUX.1-dev *shapes that matter* (16 latent channels, VAE scale factor 8, 2x2 latent
 packing, guidance-distilled transformer, FLUX.1-dev scheduler config, CLIP + T5 text stacks)
 but tiny widths and random weights.  **Images generated with it are noise**; only their
@@ -22,6 +22,11 @@ Layout written under ``cache_dir/<versioned name>/``:
                    (in_channels=384, out_channels=64)
 * ``controlnet/``  ``FluxControlNetModel.save_pretrained`` output (union ControlNet,
                    num_mode=10; ``control_mode`` must be passed to the pipelines)
+* ``redux/``       ``FluxPriorReduxPipeline.save_pretrained`` output laid out like
+                   ``black-forest-labs/FLUX.1-Redux-dev`` (model_index.json, image_encoder/ (SiglipVisionModel),
+                   feature_extractor/ (SiglipImageProcessor), image_embedder/ (ReduxImageEncoder); no text
+                   encoders: the worker shares the base pipeline's).  SigLIP at 64x64 px, patch 16 -> 16 image
+                   tokens; the embedder maps the SigLIP width to the transformer's ``joint_attention_dim``
 * ``loras/``       two rank-4 LoRAs for the base transformer in diffusers/PEFT format
                    (``embedded-style.safetensors``, ``embedded-detail.safetensors``): random, with
                    non-zero ``lora_B``, so applying one visibly changes an image
@@ -54,6 +59,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: the front end may import this modu
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxControlNetModel,
+        FluxPriorReduxPipeline,
         FluxTransformer2DModel,
     )
     from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
@@ -62,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever anything below changes the produced files: it is part of the folder name, so
 # an old cache is simply ignored (never half-reused).
-EMBEDDED_MODEL_VERSION: str = "2"
+EMBEDDED_MODEL_VERSION: str = "3"  # 3: redux/
 
 _FOLDER_NAME = f"flux-embedded-v{EMBEDDED_MODEL_VERSION}"
 _MARKER_NAME = "EMBEDDED_MODEL_COMPLETE.json"
@@ -80,6 +86,8 @@ _SEED_OFFSETS: dict[str, int] = {
     "controlnet": 6,
     "lora_embedded-style": 7,
     "lora_embedded-detail": 8,
+    "redux_image_encoder": 9,
+    "redux_image_embedder": 10,
 }
 
 # --- recipe -------------------------------------------------------------------------------
@@ -119,6 +127,13 @@ _LORA_SINGLE_TARGETS: dict[str, tuple[str, ...]] = {"embedded-style": (), "embed
 # clearly visible, and still finite at loras.max_weight.
 _LORA_B_SCALE = 4.0
 
+# FLUX.1-Redux-dev: SigLIP so400m (1152 wide, 384 px, patch 14 -> 729 tokens) and a ReduxImageEncoder 1152 -> 4096 (T5).
+# Tiny: a width unlike every other one here (so a mismatched embedder fails loudly), 64 px, patch 16 -> 16 tokens.
+_SIGLIP_HIDDEN = 48  # == ReduxImageEncoder redux_dim
+_SIGLIP_IMAGE_SIZE = 64
+_SIGLIP_PATCH_SIZE = 16
+REDUX_IMAGE_TOKENS: int = (_SIGLIP_IMAGE_SIZE // _SIGLIP_PATCH_SIZE) ** 2  # prompt tokens the Redux image adds
+
 # FLUX.1-dev's scheduler/scheduler_config.json
 _SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -139,6 +154,7 @@ class EmbeddedModelPaths:
     fill: Path  # FluxTransformer2DModel.from_pretrained(fill, subfolder="transformer")
     controlnet: Path  # FluxControlNetModel.from_pretrained(controlnet)
     loras: Path  # NAME.safetensors LoRAs of the base transformer: pipe.load_lora_weights(loras / "NAME.safetensors")
+    redux: Path  # FluxPriorReduxPipeline.from_pretrained(redux, text_encoder=..., ...) (FLUX.1-Redux-dev layout)
 
 
 def ensure_embedded_model(cache_dir: Path) -> EmbeddedModelPaths:
@@ -186,7 +202,11 @@ def ensure_embedded_model(cache_dir: Path) -> EmbeddedModelPaths:
 
 def _paths(root: Path) -> EmbeddedModelPaths:
     return EmbeddedModelPaths(
-        base=root / "base", fill=root / "fill", controlnet=root / "controlnet", loras=root / "loras"
+        base=root / "base",
+        fill=root / "fill",
+        controlnet=root / "controlnet",
+        loras=root / "loras",
+        redux=root / "redux",
     )
 
 
@@ -349,6 +369,56 @@ def _build_components(root: Path) -> None:
     for name in EMBEDDED_LORAS:
         with _seeded(f"lora_{name}"):
             _save_lora(_make_lora(transformer, name), root / "loras" / f"{name}.safetensors", name)
+    _save_redux(_make_redux(), root / "redux")
+
+
+def _save_redux(redux: FluxPriorReduxPipeline, folder: Path) -> None:
+    redux.save_pretrained(folder, safe_serialization=True)
+    # Without torchvision transformers v5 hands out (and diffusers records) SiglipImageProcessorPil; the real
+    # repository names SiglipImageProcessor, which loads as either backend, so the file says that whatever is installed.
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _make_redux() -> FluxPriorReduxPipeline:
+    """FLUX.1-Redux-dev's components, tiny: SigLIP vision tower, its image processor, the Redux embedder.
+
+    Saved without text encoders (model_index.json names them null, as the real repository does)."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=_SIGLIP_HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_channels=3,
+        image_size=_SIGLIP_IMAGE_SIZE,
+        patch_size=_SIGLIP_PATCH_SIZE,
+        hidden_act="gelu_pytorch_tanh",  # SigLIP so400m
+        layer_norm_eps=1e-6,
+    )
+    with _seeded("redux_image_encoder"):
+        image_encoder = SiglipVisionModel(config).eval()
+    with _seeded("redux_image_embedder"):
+        image_embedder = ReduxImageEncoder(redux_dim=_SIGLIP_HIDDEN, txt_in_features=_T5_D_MODEL).eval()
+    # FLUX.1-Redux-dev's feature_extractor/preprocessor_config.json, at the tiny size.
+    feature_extractor = SiglipImageProcessor(
+        do_resize=True,
+        size={"height": _SIGLIP_IMAGE_SIZE, "width": _SIGLIP_IMAGE_SIZE},
+        resample=3,  # bicubic
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return FluxPriorReduxPipeline(
+        image_encoder=image_encoder, feature_extractor=feature_extractor, image_embedder=image_embedder
+    )
 
 
 def _make_lora(transformer: FluxTransformer2DModel, name: str) -> dict[str, torch.Tensor]:
