@@ -80,6 +80,22 @@ def test_the_embedded_redux_is_laid_out_like_flux1_redux_dev(embedded: EmbeddedM
     assert on_disk < 500_000  # tiny: about 340 kB
 
 
+def test_the_embedded_redux_loads_as_diffusers_loads_flux1_redux_dev(embedded: EmbeddedModelPaths) -> None:
+    """The model card's own call, no text encoders: every Redux part is found under its real class name."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionModel
+
+    prior = FluxPriorReduxPipeline.from_pretrained(
+        embedded.redux, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None
+    )
+    assert isinstance(prior.image_encoder, SiglipVisionModel)
+    assert isinstance(prior.image_embedder, ReduxImageEncoder)
+    assert type(prior.feature_extractor).__name__.startswith("SiglipImageProcessor")  # ...Pil without torchvision
+    assert prior.feature_extractor.size == {"height": 64, "width": 64}
+    assert prior.text_encoder is None and prior.text_encoder_2 is None
+
+
 def test_the_embedded_redux_fits_the_embedded_base(redux: ReduxEncoder, base: Any) -> None:
     transformer = base.transformer.config
     assert redux.prior.image_embedder.config.txt_in_features == transformer.joint_attention_dim
