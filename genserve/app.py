@@ -20,6 +20,7 @@ from genserve.config import Config, ConfigError, expand_path
 from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
+from genserve.loras import LoraCatalogue
 from genserve.middleware import BodySizeLimit
 from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
@@ -58,7 +59,10 @@ def create_app(
         on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
     )
     jobs = JobManager(config, store, supervisor)
-    service = Service(config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop)
+    catalogue = LoraCatalogue.from_config(config)  # reads nothing until a request needs it
+    service = Service(
+        config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop, loras=catalogue
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -29,6 +29,7 @@ from genserve.messages import (
     Attention,
     Compile,
     CompileMode,
+    LoraSettings,
     MemorySettings,
     Mode,
     Offload,
@@ -472,6 +473,11 @@ class LimitsConfig(_Section):
 
 
 class LorasConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Per-request LoRAs. Off: requests naming LoRAs get 400, and fp8/int8 transformers are fused "
+        "before quantising (LoRAs need their separate q/k/v projections, so with LoRAs on they stay unfused).",
+    )
     dir: str = Field(
         "loras",
         description="Folder of the LoRA catalogue: each NAME.safetensors in it is the LoRA NAME; uploads land here.",
@@ -549,6 +555,9 @@ class Config(_Section):
             vae_tiling_above=performance.vae_tiling_above,
             overlap_encoding=performance.overlap_encoding,
         )
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(enabled=self.loras.enabled, max_loaded=self.loras.max_loaded)
 
     @property
     def uses_embedded_model(self) -> bool:

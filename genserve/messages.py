@@ -7,8 +7,8 @@ reports its path). Errors cross as an outcome enum, a type name and a message, n
 exception may not unpickle in the other process).
 
 Direction:  API → worker: WorkerSpec (at spawn), then WorkerInbound: JobRequest, JobBatch, CancelJob, Shutdown.
-            worker → API: WorkerOutbound: WorkerPlanned, WorkerReady, WorkerStartupFailed, Heartbeat, JobStarted,
-            JobProgress, JobDenoised, JobResult, JobFailure.
+            worker → API: WorkerOutbound: WorkerPlanned, WorkerReady, WorkerStartupFailed, AdaptersChanged,
+            Heartbeat, JobStarted, JobProgress, JobDenoised, JobResult, JobFailure.
 Both ends dispatch on the unions with ``match`` and ``assert_never``, so mypy flags a message nobody handles.
 """
 
@@ -173,10 +173,44 @@ class WorkerSpec:
     dtype: str  # "auto", "bfloat16", "float16" or "float32"
     memory: MemorySettings  # how to fit the models on the device (planned before loading)
     performance: PerformanceSettings  # compile, attention, fusions and VAE tiling, applied after loading
+    loras: LoraSettings  # per-request LoRA adapters
     cpu_threads: int  # torch threads on a CPU device; 0 leaves torch's default
     heartbeat_interval_s: float  # how often to send Heartbeat
     max_consecutive_oom: int  # out-of-memory failures in a row after which the worker exits to restart clean
     log_level: str  # logging level name for the worker's own log lines
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA a job applies: a file of the catalogue, checked to fit the mode's transformer by the API process."""
+
+    name: str  # catalogue name
+    path: str  # its .safetensors file
+    version: str  # "size:mtime_ns" of that file when the job was made: a re-uploaded LoRA is loaded again
+    weight: float  # adapter weight, within ±loras.max_weight
+
+    @property
+    def key(self) -> str:
+        """What a worker holds it as (the affinity key): a LoRA replaced under the same name is another one."""
+        return f"{self.name}@{self.version}"
+
+
+def adapter_target(mode: Mode) -> Literal["base", "fill"]:
+    """The transformer a mode's LoRAs go into: Fill has its own; every other mode runs the base transformer."""
+    return "fill" if mode == "fill" else "base"
+
+
+def adapter_key(mode: Mode, lora: LoraUse) -> str:
+    """What a worker reports holding once ``lora`` is loaded for ``mode`` (see AdaptersChanged)."""
+    return f"{adapter_target(mode)}/{lora.key}"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The operator's loras section, as the worker needs it."""
+
+    enabled: bool  # False: no adapter is ever loaded, and quantised transformers may be fused before quantising
+    max_loaded: int  # adapters a worker keeps loaded; beyond it the least recently used is unloaded
 
 
 @dataclass(frozen=True)
@@ -198,6 +232,7 @@ class JobRequest:
     control_mode: int | None  # union ControlNet mode index; None for a single-type ControlNet
     controlnet_conditioning_scale: float  # weight of the ControlNet residuals
     output_path: str  # where the worker writes the PNG (atomically); the API process never holds image bytes
+    loras: tuple[LoraUse, ...] = ()  # adapters to apply, in order; none: the base model (LoRAs off)
 
 
 @dataclass(frozen=True)
@@ -262,6 +297,18 @@ class WorkerStartupFailed:
     message: str  # exception text
     permanent: bool = False  # True: retrying cannot help (the models do not fit, the hardware cannot do what the
     # config asks): the slot is not respawned, so a worker never reloads tens of GB in a loop for nothing
+
+
+@dataclass(frozen=True)
+class AdaptersChanged:
+    """The worker loaded (or unloaded) LoRA adapters for a job: what it holds now. Sent before that job's first step,
+    so the supervisor's affinity sees it by the time the job ends."""
+
+    slot: int  # pool index
+    held: tuple[str, ...]  # LoraUse.key of each adapter loaded, least recently used first
+    loads: int  # adapters loaded since the worker started
+    unloads: int  # adapters unloaded (least recently used, past loras.max_loaded) since it started
+    adapter_bytes: int  # memory the held adapters' weights take
 
 
 @dataclass(frozen=True)
@@ -339,6 +386,7 @@ WorkerOutbound = (
     WorkerPlanned
     | WorkerReady
     | WorkerStartupFailed
+    | AdaptersChanged
     | Heartbeat
     | JobStarted
     | JobProgress

@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from genserve.config import CONTROL_MODES, Config
-from genserve.errors import BadRequest
+from genserve.errors import BadRequest, NotFound
 from genserve.fetch import FetchPolicy, fetch_url, is_url
 from genserve.images import DecodedImage, RawImage, decode_base64_field, decode_image, to_raw_mask, to_raw_rgb
-from genserve.messages import JobRequest, Mode
-from genserve.schemas import MAX_SEED, GenerateRequest
+from genserve.loras import LoraCatalogue
+from genserve.messages import JobRequest, LoraUse, Mode
+from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest
 
 # Images each mode cannot run without. controlnet takes input_image too (ControlNet img2img) but does not need it.
 REQUIRED_IMAGES: dict[Mode, tuple[str, ...]] = {
@@ -114,10 +115,53 @@ def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[st
     return decoded
 
 
+def resolve_loras(
+    requested: list[LoraRequest] | None, mode: Mode, config: Config, catalogue: LoraCatalogue | None
+) -> tuple[LoraUse, ...]:
+    """The request's LoRAs, each a file of the catalogue that fits the transformer ``mode`` runs on."""
+    if not requested:
+        return ()
+    settings = config.loras
+    if not settings.enabled or catalogue is None:
+        raise BadRequest("LoRAs are turned off on this server (loras.enabled: false)", param="loras")
+    if len(requested) > settings.max_per_request:
+        raise BadRequest(
+            f"at most {settings.max_per_request} LoRAs per request (loras.max_per_request), got {len(requested)}",
+            param="loras",
+        )
+    names = [lora.name for lora in requested]
+    if len(set(names)) != len(names):
+        raise BadRequest(f"each LoRA may be named once, got {', '.join(names)}", param="loras")
+    return tuple(_lora_use(lora, mode, config, catalogue) for lora in requested)
+
+
+def _lora_use(lora: LoraRequest, mode: Mode, config: Config, catalogue: LoraCatalogue) -> LoraUse:
+    limit = config.loras.max_weight
+    _check_range(f"weight of LoRA '{lora.name}'", lora.weight, -limit, limit)
+    try:
+        info = catalogue.get(lora.name)
+        stat = info.path.stat()
+    except NotFound as exc:  # a field naming nothing is the request's fault: 400, not 404
+        raise BadRequest(exc.message, param="loras") from None
+    except FileNotFoundError:
+        raise BadRequest(f"LoRA '{lora.name}' was removed just now", param="loras") from None
+    fill = mode == "fill"
+    if not (info.fits_fill if fill else info.fits_transformer):
+        which = "the Fill transformer" if fill else "the base transformer"
+        why = info.problem if not fill and info.problem else "its target modules are not all in it"
+        raise BadRequest(f"LoRA '{lora.name}' does not fit {which} that mode {mode!r} runs on: {why}", param="loras")
+    version = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return LoraUse(name=info.name, path=str(info.path), version=version, weight=lora.weight)
+
+
 def prepare_job(
-    req: GenerateRequest, images: EncodedImages, config: Config, enabled_modes: tuple[Mode, ...]
+    req: GenerateRequest,
+    images: EncodedImages,
+    config: Config,
+    enabled_modes: tuple[Mode, ...],
+    loras: LoraCatalogue | None = None,
 ) -> PreparedJob:
-    """Validate ``req`` against the configuration and build the worker's JobRequest."""
+    """Validate ``req`` against the configuration (its LoRAs against ``loras``) and build the worker's JobRequest."""
     defaults, limits = config.defaults, config.limits
     model_id = resolve_model_id(req.model_id, config)
     mode = req.mode
@@ -137,6 +181,7 @@ def prepare_job(
     _check_range("cfg", cfg, 0, limits.max_cfg)
     strength = defaults.strength if req.strength is None else req.strength
     control_mode = resolve_control_mode(req.controlnet_type, config) if mode == "controlnet" else None
+    lora_uses = resolve_loras(req.loras, mode, config, loras)
 
     missing = [field for field in REQUIRED_IMAGES[mode] if not images.get(field)]
     if missing:
@@ -170,6 +215,7 @@ def prepare_job(
         control_mode=control_mode,
         controlnet_conditioning_scale=config.controlnet.conditioning_scale,
         output_path="",
+        loras=lora_uses,
     )
     priority = defaults.priority if req.priority is None else req.priority
     params: dict[str, Any] = {
@@ -185,6 +231,8 @@ def prepare_job(
     }
     if "input_image" in raw:
         params["strength"] = request.strength
+    if lora_uses:
+        params["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in lora_uses]
     if mode == "controlnet":
         params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
     num_images = 1 if req.num_images is None else req.num_images

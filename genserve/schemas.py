@@ -6,6 +6,7 @@ checked in ``genserve.prepare`` so the message can quote them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +15,32 @@ from genserve.messages import Mode
 
 MAX_SEED = 2**63 - 1
 IMAGE_FIELDS = ("input_image", "mask_image", "control_image")
+
+
+class LoraRequest(BaseModel):
+    """One LoRA a request applies: {"name": ..., "weight": 0.8} (``scale`` is accepted for ``weight``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(description="A LoRA of the catalogue (GET /loras).")
+    weight: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        validation_alias=AliasChoices("weight", "scale"),
+        description="Adapter weight (alias scale), within ±loras.max_weight; 0 gives the base image.",
+    )
+
+
+def parse_loras_field(value: Any) -> Any:
+    """A form-data field carries the list as JSON text; JSON bodies carry it as a list."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError('loras must be a JSON list like [{"name": "style", "weight": 0.8}]') from None
+    return value
 
 
 class GenerateRequest(BaseModel):
@@ -51,6 +78,11 @@ class GenerateRequest(BaseModel):
         description="Images to make (1 to limits.max_images; seeds seed, seed+1, …): spread over idle workers. "
         "Above 1 the response adds an images list; /jobs takes one image per job.",
     )
+    loras: list[LoraRequest] | None = Field(
+        None,
+        description='LoRAs to apply: [{"name": "style", "weight": 0.8}] (a JSON string in form-data); at most '
+        "loras.max_per_request.",
+    )
     input_image: str | None = Field(None, description="Base64 or data: URI (JSON); a file (form-data).")
     mask_image: str | None = Field(None, description="Fill mask, white = repaint; same size as input_image.")
     control_image: str | None = Field(None, description="ControlNet conditioning image.")
@@ -66,6 +98,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _mode_case(cls, mode: Any) -> Any:
         return mode.strip().lower() if isinstance(mode, str) else mode
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, value: Any) -> Any:
+        return parse_loras_field(value)
 
 
 class GeneratedImage(BaseModel):
@@ -97,6 +134,7 @@ class GenerateResponse(BaseModel):
     cfg: float | None = None
     strength: float | None = None
     priority: int | None = None
+    loras: list[dict[str, Any]] | None = Field(None, description="The LoRAs applied: [{name, weight}].")
     worker_id: int | None = None
     timings: dict[str, float] | None = Field(
         None,

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from genserve.config import Config
 from genserve.job_manager import JobManager
+from genserve.loras import LoraCatalogue
 from genserve.messages import Mode
 from genserve.store import ResultStore
 from genserve.supervisor import Supervisor
@@ -56,6 +57,7 @@ class Service:
     jobs: JobManager
     store: ResultStore
     stop: StopControl
+    loras: LoraCatalogue  # the LoRAs requests may name (GET/POST /loras)
 
     def drain(self) -> None:
         """Stop taking jobs and let running ones finish within server.shutdown_grace_s (blocking; any thread)."""

@@ -77,6 +77,7 @@ from genserve.jobs import Job, JobState
 from genserve.messages import (
     EXIT_AFTER_OOM,
     EXIT_DEVICE_FATAL,
+    AdaptersChanged,
     CancelJob,
     CancelReason,
     FailureKind,
@@ -96,6 +97,7 @@ from genserve.messages import (
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
+    adapter_key,
 )
 from genserve.queue import PriorityQueue
 
@@ -180,6 +182,7 @@ class WorkerSlot:
     memory_plan: MemoryPlan | None = None  # the last start's memory plan, as the worker reported it
     speed: dict[str, Any] | None = None  # the last start's attention backend, warm-up time and compile-cache use
     refused: str | None = None  # the worker refused to load for a reason a retry cannot change: no respawn
+    adapters: AdaptersChanged | None = None  # the LoRA adapters its process holds (None: none loaded yet)
     death_cause: str | None = None  # set just before a death we caused or were told about; read by _on_death
 
     @property
@@ -203,6 +206,7 @@ class PoolSnapshot:
     retry_after_s: int
     ready_workers: int
     total_restarts: int
+    adapter_loads_avoided: int  # LoRA loads the dispatcher's affinity saved
 
 
 class Supervisor:
@@ -238,6 +242,7 @@ class Supervisor:
         self._fatal: str | None = None  # set once when on_budget_spent=exit fires
         self._spawned: set[Any] = set()  # processes this supervisor started that have not been seen to end
         self._finishes: deque[float] = deque(maxlen=64)  # monotonic times jobs left workers: the drain rate
+        self._adapter_loads_avoided = 0  # LoRA loads affinity saved: held by the chosen worker, not by the first idle
         self._snapshot = self._build_snapshot()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -447,6 +452,10 @@ class Supervisor:
                 "saturated": snap.queue_size >= snap.max_queue_size,
                 "retry_after_s": snap.retry_after_s,
             },
+            "loras": {
+                "adapter_loads": sum(worker["loras"]["loads"] for worker in workers),
+                "adapter_loads_avoided": snap.adapter_loads_avoided,
+            },
             "uptime_s": round(time.time() - self._started_at, 3),
         }
 
@@ -474,6 +483,7 @@ class Supervisor:
                 "last_error": slot.last_error,
                 "memory_plan": slot.memory_plan.as_dict() if slot.memory_plan else None,
                 "speed": slot.speed,
+                "loras": _adapters_view(slot.adapters),
                 "_last_heartbeat": slot.last_heartbeat,
                 "_respawn_at": slot.respawn_at,
             }
@@ -489,6 +499,7 @@ class Supervisor:
             retry_after_s=self._retry_after_s(),
             ready_workers=sum(slot.loaded for slot in self._slots),
             total_restarts=sum(slot.restarts for slot in self._slots),
+            adapter_loads_avoided=self._adapter_loads_avoided,
         )
 
     def _overall_status(self) -> tuple[str, str | None]:
@@ -658,6 +669,8 @@ class Supervisor:
                 self._on_ready(slot, message)
             case WorkerPlanned():
                 slot.memory_plan = message.plan
+            case AdaptersChanged():
+                slot.adapters = message
             case WorkerStartupFailed():
                 first_line = message.message.splitlines()[0] if message.message else message.error_type
                 if message.permanent:
@@ -985,7 +998,8 @@ class Supervisor:
         idle = [slot for slot in self._slots if slot.state is WorkerState.READY]
         dispatched = False
         while idle and (job := self._queue.pop()) is not None:
-            slot = idle.pop(0)
+            slot = self._warmest(job, idle)
+            idle.remove(slot)
             group = job.schedule.group
             extra = self._batch_size(job, len(idle) + 1) - 1
             batch = [job, *self._queue.take_group(group, extra)] if group is not None and extra > 0 else [job]
@@ -993,6 +1007,24 @@ class Supervisor:
             dispatched = True
         if dispatched:
             self._queue_changed.set()
+
+    def _warmest(self, job: Job, idle: list[WorkerSlot]) -> WorkerSlot:
+        """The idle worker that already holds most of ``job``'s LoRA adapters; among equals the one holding fewest
+        adapters (loading there unloads nobody else's), then the lowest slot. A job without LoRAs takes the lowest
+        idle slot. Affinity saves loads; it never keeps a job waiting while any worker is idle."""
+        needed = {adapter_key(job.request.mode, lora) for lora in job.request.loras}
+        if not needed:
+            return idle[0]
+
+        def held(slot: WorkerSlot) -> int:
+            return len(needed.intersection(slot.adapters.held)) if slot.adapters else 0
+
+        def others(slot: WorkerSlot) -> int:
+            return len(slot.adapters.held) if slot.adapters else 0
+
+        chosen = min(idle, key=lambda slot: (-held(slot), others(slot), slot.index))
+        self._adapter_loads_avoided += held(chosen) - held(idle[0])
+        return chosen
 
     def _batch_size(self, job: Job, idle_workers: int) -> int:
         """How many images of ``job``'s group one worker takes now: its share when the group's images are spread
@@ -1099,6 +1131,7 @@ class Supervisor:
             dtype=cfg.model.dtype,
             memory=cfg.memory_settings(),
             performance=cfg.performance_settings(),
+            loras=cfg.lora_settings(),
             cpu_threads=self._cpu_threads if slot.device == "cpu" else 0,
             heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
             max_consecutive_oom=cfg.workers.max_consecutive_oom,
@@ -1118,6 +1151,7 @@ class Supervisor:
         slot.sender = None
         slot.conn = None
         slot.process = None
+        slot.adapters = None  # its adapters died with it; a new process starts with none
 
     def _wake(self) -> None:
         with self._lock:
@@ -1128,6 +1162,18 @@ class Supervisor:
             self._wake_writer.send_bytes(b"!")
         except OSError:
             pass
+
+
+def _adapters_view(adapters: AdaptersChanged | None) -> dict[str, Any]:
+    """A worker's LoRA adapters as /status shows them."""
+    if adapters is None:
+        return {"held": [], "loads": 0, "unloads": 0, "adapter_mib": 0.0}
+    return {
+        "held": list(adapters.held),
+        "loads": adapters.loads,
+        "unloads": adapters.unloads,
+        "adapter_mib": round(adapters.adapter_bytes / 2**20, 3),
+    }
 
 
 def _worker_context(start_method: str) -> Any:

@@ -50,7 +50,7 @@ def run_scripted_worker(spec: WorkerSpec, conn: Connection) -> None:
             self.compile_stats = CompileStats(warmup_s=0.0, cache_hits=0, cache_misses=0)
 
         @classmethod
-        def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> ScriptedPipelines:
+        def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None], **_: Any) -> ScriptedPipelines:
             if spec.model_path and (Path(spec.model_path) / FAIL_STARTUP).exists():
                 raise RuntimeError("injected startup failure")
             if spec.model_path and (Path(spec.model_path) / REFUSE_PLAN).exists():

@@ -219,7 +219,9 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     from workers.pipelines import MemoryPlanRefusedError, PipelineSet
 
     try:
-        pipelines = PipelineSet.load(spec, on_plan=lambda plan: outbox.send(WorkerPlanned(slot=spec.slot, plan=plan)))
+        pipelines = PipelineSet.load(
+            spec, on_plan=lambda plan: outbox.send(WorkerPlanned(slot=spec.slot, plan=plan)), on_adapters=outbox.send
+        )
     except MemoryPlanRefusedError as exc:  # no reload loop: the same plan would be refused again
         log.error("%s", exc)
         outbox.send(

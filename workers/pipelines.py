@@ -40,7 +40,8 @@ from genserve.memory_plan import (
     plan_memory,
     shapes_from_folders,
 )
-from genserve.messages import FailureKind, ImageFile, JobRequest, MemoryPlan, Mode, WorkerSpec
+from genserve.messages import AdaptersChanged, FailureKind, ImageFile, JobRequest, MemoryPlan, Mode, WorkerSpec
+from workers.adapters import Adapters
 from workers.loading import ModelPaths, Offloader, execution_device, load_models
 from workers.speed import WARMUP_STEPS, CompileStats, Speed
 
@@ -163,6 +164,7 @@ class PipelineSet:
         plan: MemoryPlan,
         offloader: Offloader,
         speed: Speed,
+        adapters: Adapters,
     ) -> None:
         self.device = device
         self.modes = modes
@@ -171,11 +173,18 @@ class PipelineSet:
         self._pipes = pipes
         self._offloader = offloader
         self._speed = speed
+        self._adapters = adapters
         self.compile_stats = CompileStats(warmup_s=0.0, cache_hits=0, cache_misses=0)
 
     @classmethod
-    def load(cls, spec: WorkerSpec, on_plan: Callable[[MemoryPlan], None]) -> PipelineSet:
-        """Plan, then load every enabled pipeline as planned; ``on_plan`` hears the plan before any weight loads.
+    def load(
+        cls,
+        spec: WorkerSpec,
+        on_plan: Callable[[MemoryPlan], None],
+        on_adapters: Callable[[AdaptersChanged], None] = lambda change: None,
+    ) -> PipelineSet:
+        """Plan, then load every enabled pipeline as planned; ``on_plan`` hears the plan before any weight loads,
+        ``on_adapters`` each change of the LoRA adapters held.
 
         Raises MemoryPlanRefusedError when the plan does not fit."""
         quiet_library_noise()
@@ -201,7 +210,9 @@ class PipelineSet:
             raise MemoryPlanRefusedError(plan)
         log.info("%s", describe(plan))
 
-        models = load_models(paths, plan, device, dtype, fuse_qkv=spec.performance.fuse_qkv)
+        # Fusing a quantised transformer drops its separate q/k/v, which LoRAs adapt: only without LoRAs.
+        fuse_quantised = spec.performance.fuse_qkv and not spec.loras.enabled
+        models = load_models(paths, plan, device, dtype, fuse_qkv=fuse_quantised)
         base = models.base
         pipes: dict[str, Any] = {"text2img": base}
         # The other pipelines are built from the base's very modules (no copy, no cast): cheaper than from_pipe,
@@ -234,8 +245,16 @@ class PipelineSet:
         offloader = Offloader(plan, device, spec.memory.group_offload_blocks)
         offloader.install(by_name)
         modes = tuple(mode for mode in spec.modes if mode in pipes)
+        adapters = Adapters(pipes, spec.loras, on_adapters, spec.slot)
         pipelines = cls(
-            device=device, modes=modes, pipes=pipes, embedded=embedded, plan=plan, offloader=offloader, speed=speed
+            device=device,
+            modes=modes,
+            pipes=pipes,
+            embedded=embedded,
+            plan=plan,
+            offloader=offloader,
+            speed=speed,
+            adapters=adapters,
         )
         pipelines.compile_stats = speed.warm_up(pipelines.warm_up_job, pipelines.warm_up_pipelines())
         return pipelines
@@ -296,6 +315,7 @@ class PipelineSet:
         began = time.perf_counter()
         self._offloader.before_job(pipe)
         self._speed.before_job(first.width, first.height, pipe_name, len(jobs))
+        self._adapters.activate(first.mode, first.loras)
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, first.prompt, len(jobs))
             images = pipe(

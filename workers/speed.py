@@ -122,7 +122,7 @@ def _drop_separate(attention: Any) -> None:
                 delattr(attention, name)
 
 
-def _fusable_attentions(model: Any) -> list[Any]:
+def fusable_attentions(model: Any) -> list[Any]:
     from diffusers.models.attention import AttentionModuleMixin
 
     return [
@@ -134,7 +134,7 @@ def _fusable_attentions(model: Any) -> list[Any]:
 
 def is_fused(model: Any) -> bool:
     """Whether every fusable attention of ``model`` is fused already (as loading leaves a quantised transformer)."""
-    attentions = _fusable_attentions(model)
+    attentions = fusable_attentions(model)
     return bool(attentions) and all(getattr(attention, "fused_projections", False) for attention in attentions)
 
 
@@ -142,7 +142,7 @@ def _fuse_each(model: Any, then: Callable[[Any], None]) -> int:
     """Fuse the attentions not fused yet one at a time (the peak is one layer's copy), ``then`` each; how many."""
     fused = 0
     with torch.no_grad():
-        for attention in _fusable_attentions(model):
+        for attention in fusable_attentions(model):
             if getattr(attention, "fused_projections", False):
                 continue  # fused before (at load): its separate projections may be gone
             attention.fuse_projections()

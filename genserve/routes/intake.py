@@ -177,7 +177,7 @@ async def prepare_form(request: Request, service: Service) -> PreparedJob:
 
 async def _prepare(service: Service, req: GenerateRequest, images: EncodedImages) -> PreparedJob:
     try:
-        return await run_in_threadpool(prepare_job, req, images, service.config, service.modes)
+        return await run_in_threadpool(prepare_job, req, images, service.config, service.modes, service.loras)
     except GenServeError as exc:
         raise exc.with_context(model_id=req.model_id or service.config.model.id, mode=req.mode) from None
 

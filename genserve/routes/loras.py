@@ -27,13 +27,8 @@ CHUNK_BYTES = 1024 * 1024
 
 
 def catalogue(request: Request) -> LoraCatalogue:
-    """One catalogue per app, made on first use (cheap: it reads nothing until a method is called)."""
-    state = request.app.state
-    found: LoraCatalogue | None = getattr(state, "lora_catalogue", None)
-    if found is None:
-        found = LoraCatalogue.from_config(get_service(request).config)
-        state.lora_catalogue = found
-    return found
+    """The service's catalogue, the one requests' LoRAs are checked against."""
+    return get_service(request).loras
 
 
 async def require_admin(request: Request) -> None:

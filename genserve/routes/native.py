@@ -60,6 +60,7 @@ def _render_success(jobs: list[Job], prepared: PreparedJob, elapsed: float) -> b
         cfg=request.guidance_scale,
         strength=request.strength if request.input_image is not None else None,
         priority=prepared.priority,
+        loras=prepared.params.get("loras"),
         worker_id=job.worker_slot,
         timings={
             "queue_s": round(max(0.0, result.started_at - job.submitted_at), 6),

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from genserve.config import Config
@@ -26,7 +26,7 @@ from genserve.jobs import Job
 from genserve.messages import Mode
 from genserve.prepare import EncodedImages, prepare_job, snap_size, with_siblings
 from genserve.routes import intake
-from genserve.schemas import MAX_SEED, GenerateRequest
+from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
 from genserve.service import Service, get_service
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -63,6 +63,16 @@ class ImagesRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Edit strength (img2img).")
     image: str | None = Field(None, description="generations: an http(s) URL, data: URI or base64 → img2img.")
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="Seconds the request may take.")
+    loras: list[LoraRequest] | None = Field(
+        None,
+        description='GenServe extension (the SDK\'s extra_body): LoRAs, [{"name": "style", "weight": 0.8}]; a JSON '
+        "string in form-data.",
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, value: Any) -> Any:
+        return parse_loras_field(value)
 
 
 # --- request pieces ------------------------------------------------------------------------------------------------
@@ -138,11 +148,12 @@ async def _make_images(
                 "priority": body.priority,
                 "strength": body.strength,
                 "timeout": body.timeout,
+                "loras": body.loras,
             }
         )
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
-    prepared = await run_in_threadpool(prepare_job, generate, images, config, service.modes)
+    prepared = await run_in_threadpool(prepare_job, generate, images, config, service.modes, service.loras)
     jobs = await intake.submit_all(request, service, with_siblings(prepared, body.n))
     await intake.wait_for_jobs(request, service, jobs)
     fmt = body.output_format or "png"

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +24,7 @@ from genserve.jobs import Job
 from genserve.messages import Mode
 from genserve.prepare import EncodedImages, prepare_job
 from genserve.routes import intake
-from genserve.schemas import MAX_SEED, GenerateRequest
+from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
 from genserve.service import Service, get_service
 
 router = APIRouter(prefix="/process", tags=["flux-imaging"])
@@ -44,6 +44,13 @@ class ProcessRequest(BaseModel):
     num_inference_steps: int | None = Field(None, validation_alias=AliasChoices("num_inference_steps", "steps"))
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    loras: list[LoraRequest] | None = None  # as /generate's; a JSON string in form-data
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, value: Any) -> Any:
+        return parse_loras_field(value)
+
     # Seed 004 passes a bearer_token for its file server; GenServe stores results itself and ignores it.
     bearer_token: str | None = None
 
@@ -88,12 +95,13 @@ async def _run(request: Request, service: Service) -> tuple[Job, ProcessMode]:
                 "seed": -1 if params.seed is None else params.seed,
                 "strength": strength,
                 "timeout": params.timeout,
+                "loras": params.loras,
             }
         )
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
     inputs: EncodedImages = {"input_image": image} if image else {}
-    prepared = await run_in_threadpool(prepare_job, generate, inputs, service.config, service.modes)
+    prepared = await run_in_threadpool(prepare_job, generate, inputs, service.config, service.modes, service.loras)
     job = await intake.submit(request, service, prepared)
     await intake.wait_for_jobs(request, service, [job])
     return job, kind

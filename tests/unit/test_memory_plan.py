@@ -364,6 +364,7 @@ def test_pipelines_share_the_quantised_transformer(embedded_cache: Path) -> None
         dtype="auto",
         memory=config.memory_settings(),
         performance=config.performance_settings(),
+        loras=config.lora_settings(),
         cpu_threads=0,
         heartbeat_interval_s=2,
         max_consecutive_oom=3,
