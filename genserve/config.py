@@ -155,6 +155,14 @@ class ControlNetConfig(_Section):
     conditioning_scale: float = Field(0.7, ge=0, le=2, description="controlnet_conditioning_scale of each job.")
 
 
+class ReduxConfig(_Section):
+    path: str = Field(
+        "",
+        description="FLUX.1-Redux-dev folder (image_encoder, feature_extractor, image_embedder). "
+        "Empty: the embedded model's when model.path is empty; redux disabled otherwise.",
+    )
+
+
 class WorkersConfig(_Section):
     devices: Literal["auto"] | list[str] = Field(
         "auto",
@@ -410,6 +418,11 @@ class OpenAIConfig(_Section):
         description="Prompt of /v1/images/variations.",
     )
     variation_strength: float = Field(0.6, gt=0, le=1, description="img2img strength of a variation.")
+    variation_mode: Literal["redux", "img2img"] = Field(
+        "redux",
+        description="What makes /v1/images/variations and /process variations: redux (FLUX.1-Redux, from the "
+        "image's embedding) when the server serves it, else img2img (variation_prompt at variation_strength).",
+    )
     process_response: Literal["b64_json", "url"] = Field(
         "b64_json",
         description="What POST /process returns: base64 (default, as seed 004 without FILE_SERVER) or a URL.",
@@ -430,6 +443,9 @@ class DefaultsConfig(_Section):
     cfg: float = Field(3.5, ge=0, description="Guidance scale when a request gives none.")
     fill_cfg: float = Field(
         30.0, ge=0, description="Guidance scale of fill jobs when a request gives none (as FLUX.1-Fill)."
+    )
+    redux_cfg: float = Field(
+        2.5, ge=0, description="Guidance scale of redux jobs when a request gives none (as FLUX.1-Redux's card)."
     )
     seed: int = Field(42, ge=-1, le=2**63 - 1, description="Seed when a request gives none; -1 picks a random one.")
     strength: float = Field(0.8, gt=0, le=1, description="img2img strength when a request gives none.")
@@ -501,6 +517,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     fill: FillConfig = Field(default_factory=FillConfig)
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
+    redux: ReduxConfig = Field(default_factory=ReduxConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
@@ -572,6 +589,8 @@ class Config(_Section):
                 notes.append("fill is disabled: set fill.path to a FLUX.1-Fill-dev folder to serve it")
             elif mode == "controlnet" and not self.uses_embedded_model and not self.controlnet.path:
                 notes.append("controlnet is disabled: set controlnet.path to a FLUX ControlNet folder to serve it")
+            elif mode == "redux" and not self.uses_embedded_model and not self.redux.path:
+                notes.append("redux is disabled: set redux.path to a FLUX.1-Redux-dev folder to serve it")
             else:
                 modes.append(mode)
         return tuple(modes), notes

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-Mode = Literal["text2img", "img2img", "fill", "controlnet"]
-ALL_MODES: tuple[Mode, ...] = ("text2img", "img2img", "fill", "controlnet")
+Mode = Literal["text2img", "img2img", "fill", "controlnet", "redux"]
+ALL_MODES: tuple[Mode, ...] = ("text2img", "img2img", "fill", "controlnet", "redux")
 
 
 class FailureKind(StrEnum):
@@ -168,6 +168,7 @@ class WorkerSpec:
     model_path: str  # diffusers FluxPipeline folder (the embedded model's when none is configured)
     fill_path: str  # Fill transformer folder, "" when fill is disabled
     controlnet_path: str  # ControlNet folder, "" when controlnet is disabled
+    redux_path: str  # FLUX.1-Redux folder (image_encoder, feature_extractor, image_embedder), "" when redux is off
     embedded_cache_dir: str  # where to build the embedded model; "" when a real model is configured
     modes: tuple[Mode, ...]  # modes to load and serve
     dtype: str  # "auto", "bfloat16", "float16" or "float32"
@@ -233,6 +234,8 @@ class JobRequest:
     controlnet_conditioning_scale: float  # weight of the ControlNet residuals
     output_path: str  # where the worker writes the PNG (atomically); the API process never holds image bytes
     loras: tuple[LoraUse, ...] = ()  # adapters to apply, in order; none: the base model (LoRAs off)
+    prompt_embeds_scale: float = 1.0  # redux: scales the embeddings (image tokens and the prompt's, if any)
+    pooled_prompt_embeds_scale: float = 1.0  # redux: scales the pooled embedding
 
 
 @dataclass(frozen=True)

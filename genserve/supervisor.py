@@ -1126,6 +1126,7 @@ class Supervisor:
             model_path=str(expand_path(cfg.model.path)) if cfg.model.path else "",
             fill_path=str(expand_path(cfg.fill.path)) if cfg.fill.path else "",
             controlnet_path=str(expand_path(cfg.controlnet.path)) if cfg.controlnet.path else "",
+            redux_path=str(expand_path(cfg.redux.path)) if cfg.redux.path else "",
             embedded_cache_dir=str(expand_path(cfg.model.embedded_cache_dir)) if embedded else "",
             modes=self.enabled_modes,
             dtype=cfg.model.dtype,

@@ -37,6 +37,7 @@ class ModelPaths:
     base: Path  # FluxPipeline folder
     fill: Path | None  # Fill transformer (repo or bare transformer folder), when fill is served
     controlnet: Path | None  # ControlNet folder, when controlnet is served
+    redux: Path | None = None  # FLUX.1-Redux folder, when redux is served
 
 
 @dataclass

@@ -359,6 +359,7 @@ def test_pipelines_share_the_quantised_transformer(embedded_cache: Path) -> None
         model_path="",
         fill_path="",
         controlnet_path="",
+        redux_path="",
         embedded_cache_dir=str(embedded_cache),
         modes=ALL_MODES,
         dtype="auto",
