@@ -3,7 +3,8 @@
 Used by ``python -m genserve plan`` when no weights are configured (a team sizes hardware before it has any) and by
 ``tools/gpu_check.py``, which builds full-size random-weight models from them on a GPU. Every value is the one in
 the published ``config.json`` of the model named beside it (black-forest-labs/FLUX.1-dev and FLUX.1-Fill-dev on
-the Hugging Face hub, Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro); parameter counts in the comments come from
+the Hugging Face hub, Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro, black-forest-labs/FLUX.1-Redux-dev, whose
+image encoder is google/siglip-so400m-patch14-384's vision tower); parameter counts in the comments come from
 instantiating them on the meta device and are checked by tests/unit/test_memory_plan.py.
 """
 
@@ -92,6 +93,33 @@ VAE: dict[str, Any] = {
     "use_quant_conv": False,
 }
 
+# black-forest-labs/FLUX.1-Redux-dev image_encoder/config.json: google/siglip-so400m-patch14-384's vision tower
+# (SiglipVisionModel, with its attention-pooling head), as transformers' SiglipVisionConfig saves it. 384 px, patch 14:
+# 729 image tokens, 1152 wide. 428.2 M parameters.
+SIGLIP_SO400M: dict[str, Any] = {
+    "architectures": ["SiglipVisionModel"],
+    "attention_dropout": 0.0,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "image_size": 384,
+    "intermediate_size": 4304,
+    "layer_norm_eps": 1e-06,
+    "model_type": "siglip_vision_model",
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 27,
+    "patch_size": 14,
+    "vision_use_head": True,
+}
+
+# FLUX.1-Redux-dev image_embedder/config.json: the ReduxImageEncoder, SigLIP's 1152 -> 3 x 4096 -> 4096 (T5 wide),
+# so its tokens join the prompt's. 64.5 M parameters.
+REDUX_EMBEDDER: dict[str, Any] = {
+    "_class_name": "ReduxImageEncoder",
+    "redux_dim": 1152,
+    "txt_in_features": 4096,
+}
+
 # Planner component name -> its config.
 FAMILY: dict[str, dict[str, Any]] = {
     "transformer": TRANSFORMER,
@@ -100,5 +128,7 @@ FAMILY: dict[str, dict[str, Any]] = {
     "text_encoder": CLIP_L,
     "text_encoder_2": T5_XXL,
     "vae": VAE,
+    "redux_image_encoder": SIGLIP_SO400M,
+    "redux_image_embedder": REDUX_EMBEDDER,
 }
-FAMILY_NAME = "FLUX.1-dev family (public configs: FLUX.1-dev, FLUX.1-Fill-dev, ControlNet-Union-Pro)"
+FAMILY_NAME = "FLUX.1-dev family (public configs: FLUX.1-dev, FLUX.1-Fill-dev, ControlNet-Union-Pro, FLUX.1-Redux-dev)"

@@ -5,6 +5,14 @@ read; or from genserve.flux_family's public configs when no weights are configur
 settings and the device (free memory, fp8 support, which quantisation libraries are installed). Output: a
 MemoryPlan (genserve.messages) that says where each model lives and at what precision, and whether it fits.
 
+Models: the FLUX.1-dev pipeline (CLIP and T5 text encoders, VAE, transformer), the Fill and ControlNet transformers
+when those modes are served, and with redux the FLUX.1-Redux models: its SigLIP vision encoder and its embedder
+(image features to T5-wide prompt tokens). The Redux models run once per job before denoising, as the text encoders
+do, so they are placed like them (REDUX_LIKE: on the host under offload text_encoders, model or group, with
+group offload streaming SigLIP as it streams T5 and keeping the small embedder on the device as it keeps CLIP) and
+never quantised (memory.quantize cannot name them). Their activations (SigLIP at 384 px: 729 tokens) are far below
+the denoising phase's, which they never overlap.
+
 The strategies:
 - ``auto`` walks the ladder and takes the first setting that fits: everything pinned → quantise the Fill and
   ControlNet transformers → quantise the base transformer too → text encoders on the CPU → model CPU offload →
@@ -69,8 +77,13 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+REDUX = ("redux_image_encoder", "redux_image_embedder")  # FLUX.1-Redux: SigLIP vision tower, ReduxImageEncoder
+# The Redux models run once per job before denoising, like the text encoders, and are placed like them: SigLIP
+# (0.43 B, 27 layers) as T5, which group offload streams; the embedder (0.06 B, two Linears) as CLIP, kept.
+REDUX_LIKE = {"redux_image_encoder": "text_encoder_2", "redux_image_embedder": "text_encoder"}
+ENCODERS = TEXT_ENCODERS + REDUX  # on the host under offload: text_encoders
 TRANSFORMERS = ("transformer", "fill", "controlnet")
-# Models kept on the device under group offload: too small to be worth streaming.
+# Models kept on the device under group offload: too small to be worth streaming (the Redux embedder too: REDUX_LIKE).
 GROUP_PINNED = ("text_encoder", "vae")
 
 
@@ -82,7 +95,7 @@ class PlanError(Exception):
 class ComponentShape:
     """What the planner knows of one model without loading it."""
 
-    name: str  # transformer, fill, controlnet, text_encoder, text_encoder_2, vae
+    name: str  # transformer, fill, controlnet, text_encoder, text_encoder_2, vae, redux_image_encoder/_embedder
     linear_params: int  # weights of nn.Linear layers: what quantisation converts
     linear_rows: int  # their output features, summed: one scale each when quantised to int8/fp8
     other_params: int  # every other parameter (biases, norms, embeddings, convolutions)
@@ -226,13 +239,19 @@ def transformer_folder(path: Path) -> Path:
     return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
 
 
-def component_folders(model_path: Path, fill_path: Path | None, controlnet_path: Path | None) -> dict[str, Path]:
-    """Where each enabled model's config.json lives (fill / controlnet only when given)."""
+def component_folders(
+    model_path: Path, fill_path: Path | None, controlnet_path: Path | None, redux_path: Path | None = None
+) -> dict[str, Path]:
+    """Where each enabled model's config.json lives (fill / controlnet / redux only when given; a FLUX.1-Redux-dev
+    folder keeps SigLIP in image_encoder/ and the embedder in image_embedder/)."""
     folders = {name: model_path / name for name in ("transformer", "text_encoder", "text_encoder_2", "vae")}
     if fill_path is not None:
         folders["fill"] = transformer_folder(fill_path)
     if controlnet_path is not None:
         folders["controlnet"] = controlnet_path
+    if redux_path is not None:
+        folders["redux_image_encoder"] = redux_path / "image_encoder"
+        folders["redux_image_embedder"] = redux_path / "image_embedder"
     return folders
 
 
@@ -243,6 +262,8 @@ def enabled_components(modes: Iterable[Mode]) -> list[str]:
         names.append("fill")
     if "controlnet" in modes:
         names.append("controlnet")
+    if "redux" in modes:
+        names.extend(REDUX)
     return names
 
 
@@ -381,7 +402,7 @@ def unsupported(setting: Setting, device: DeviceInfo, names: Iterable[str]) -> l
     problems: list[str] = []
     for name in names:
         quantization = setting.quantize.get(name, "none")
-        on_cpu = not device.is_cuda or (name in TEXT_ENCODERS and setting.offload == "text_encoders")
+        on_cpu = not device.is_cuda or (name in ENCODERS and setting.offload == "text_encoders")
         where = "a CPU worker" if not device.is_cuda else f"{name} on the CPU (offload: text_encoders)"
         if quantization == "fp8":
             if on_cpu:
@@ -449,6 +470,7 @@ def activation_reserve_bytes(
 
 
 def _placement(name: str, offload: Offload) -> str:
+    name = REDUX_LIKE.get(name, name)  # the Redux models go where their text-encoder counterparts go
     if offload == "text_encoders" and name in TEXT_ENCODERS:
         return "cpu"
     if offload == "model":
@@ -465,8 +487,7 @@ def _device_weight_bytes(components: list[ComponentPlan], shapes: dict[str, Comp
     if offload == "model":  # one model at a time, except the ControlNet, which stays beside the transformer
         controlnet = sizes.get("controlnet", 0)
         return max(
-            sizes.get("text_encoder", 0),
-            sizes.get("text_encoder_2", 0),
+            *(sizes.get(name, 0) for name in ENCODERS),
             sizes.get("transformer", 0) + controlnet,
             sizes.get("fill", 0),
             sizes.get("vae", 0) + controlnet,
@@ -588,10 +609,10 @@ def describe(plan: MemoryPlan) -> str:
         f"memory plan for {plan.device}: strategy {plan.strategy} -> {plan.setting}: {verdict}: "
         f"{plan.device_bytes / GIB:.1f} GiB of {plan.device_available_bytes / GIB:.1f} GiB "
         f"(activation reserve {plan.reserve_bytes / GIB:.1f} GiB){host}",
-        f"  {'component':<16}{'params':>10}  {'precision':<10}{'placement':<10}{'GiB':>8}",
+        f"  {'component':<22}{'params':>10}  {'precision':<10}{'placement':<10}{'GiB':>8}",
     ]
     for c in plan.components:
-        lines.append(f"  {c.name:<16}{c.params / 1e6:>9.0f}M  {c.precision:<10}{c.placement:<10}{c.bytes / GIB:>8.2f}")
+        lines.append(f"  {c.name:<22}{c.params / 1e6:>9.0f}M  {c.precision:<10}{c.placement:<10}{c.bytes / GIB:>8.2f}")
     if plan.note:
         lines.append(f"  {plan.note}")
     return "\n".join(lines)

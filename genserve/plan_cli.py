@@ -68,6 +68,7 @@ def _shapes(config: Config) -> tuple[dict[str, ComponentShape], str]:
         expand_path(config.model.path),
         expand_path(config.fill.path) if "fill" in modes else None,
         expand_path(config.controlnet.path) if "controlnet" in modes else None,
+        redux_path=expand_path(config.redux.path) if "redux" in modes else None,
     )
     return shapes_from_folders(folders), f"the configured model at {config.model.path}"
 

@@ -14,14 +14,19 @@ from genserve import flux_family
 from genserve.config import Config
 from genserve.memory_plan import (
     GIB,
+    REDUX,
+    TEXT_ENCODERS,
     ComponentShape,
     DeviceInfo,
     card_device_info,
     component_folders,
     cpu_device_info,
     enabled_components,
+    evaluate,
     plan_ladder,
     plan_memory,
+    requested_setting,
+    shapes_from_family,
     shapes_from_folders,
     startup_problems,
 )
@@ -98,6 +103,23 @@ VAE = {
     "use_post_quant_conv": False,
     "use_quant_conv": False,
 }
+# FLUX.1-Redux-dev: image_encoder/ is google/siglip-so400m-patch14-384's vision tower, image_embedder/ the Redux one.
+SIGLIP_SO400M = {
+    "architectures": ["SiglipVisionModel"],
+    "attention_dropout": 0.0,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "image_size": 384,
+    "intermediate_size": 4304,
+    "layer_norm_eps": 1e-06,
+    "model_type": "siglip_vision_model",
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 27,
+    "patch_size": 14,
+    "vision_use_head": True,
+}
+REDUX_EMBEDDER = {"_class_name": "ReduxImageEncoder", "redux_dim": 1152, "txt_in_features": 4096}
 # Parameter counts of the published checkpoints (T5's token embedding counted once: the encoder's is tied to it).
 PUBLISHED_PARAMS = {
     "transformer": 11_901_408_320,
@@ -106,12 +128,18 @@ PUBLISHED_PARAMS = {
     "text_encoder_2": 4_762_310_656,
     "text_encoder": 123_060_480,
     "vae": 83_819_683,
+    # SigLIP so400m's vision tower as transformers counts it: embeddings, 27 layers, post-layernorm and the
+    # attention-pooling head (the head alone is 16.3 M).
+    "redux_image_encoder": 428_225_600,
+    # ReduxImageEncoder: redux_up 1152 -> 12288 and redux_down 12288 -> 4096, with biases.
+    "redux_image_embedder": 64_503_808,
 }
 
 
-def write_flux_folders(root: Path) -> tuple[Path, Path, Path]:
-    """FLUX.1-dev, FLUX.1-Fill-dev and a union ControlNet laid out as on disk, configs only (no weights)."""
+def write_flux_folders(root: Path) -> tuple[Path, Path, Path, Path]:
+    """FLUX.1-dev, FLUX.1-Fill-dev, a union ControlNet and FLUX.1-Redux-dev laid out as on disk, configs only."""
     base, fill, controlnet = root / "FLUX.1-dev", root / "FLUX.1-Fill-dev", root / "ControlNet-Union-Pro"
+    redux = root / "FLUX.1-Redux-dev"
     configs = {
         base / "transformer": FLUX_DEV_TRANSFORMER,
         base / "text_encoder": CLIP_L,
@@ -119,17 +147,25 @@ def write_flux_folders(root: Path) -> tuple[Path, Path, Path]:
         base / "vae": VAE,
         fill / "transformer": FLUX_FILL_TRANSFORMER,
         controlnet: CONTROLNET_UNION_PRO,
+        redux / "image_encoder": SIGLIP_SO400M,
+        redux / "image_embedder": REDUX_EMBEDDER,
     }
     for folder, config in configs.items():
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(config))
-    return base, fill, controlnet
+    return base, fill, controlnet, redux
 
 
 @pytest.fixture(scope="module")
-def flux_shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ComponentShape]:
-    base, fill, controlnet = write_flux_folders(tmp_path_factory.mktemp("flux"))
-    return shapes_from_folders(component_folders(base, fill, controlnet))
+def flux_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    return write_flux_folders(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="module")
+def flux_shapes(flux_folders: tuple[Path, Path, Path, Path]) -> dict[str, ComponentShape]:
+    """Every mode served, redux included (the default model.modes)."""
+    base, fill, controlnet, redux = flux_folders
+    return shapes_from_folders(component_folders(base, fill, controlnet, redux_path=redux))
 
 
 def settings(**memory: Any) -> MemorySettings:
@@ -163,7 +199,106 @@ def test_the_built_in_family_is_the_published_one() -> None:
         "text_encoder": CLIP_L,
         "text_encoder_2": T5_XXL,
         "vae": VAE,
+        "redux_image_encoder": SIGLIP_SO400M,
+        "redux_image_embedder": REDUX_EMBEDDER,
     }
+    family = shapes_from_family(enabled_components(ALL_MODES))
+    assert {name: shape.params for name, shape in family.items()} == PUBLISHED_PARAMS
+
+
+def test_the_redux_models_from_the_public_configs(flux_shapes: dict[str, ComponentShape]) -> None:
+    """SigLIP so400m (its vision tower with the pooling head) is about 0.43 B parameters, the embedder 0.06 B; both
+    are counted at the model dtype (never quantised): 0.80 and 0.12 GiB in bf16."""
+    siglip, embedder = flux_shapes["redux_image_encoder"], flux_shapes["redux_image_embedder"]
+    print(f"SigLIP so400m: {siglip.params} parameters, {siglip.bytes_at('none', 2) / GIB:.3f} GiB in bf16")
+    print(f"ReduxImageEncoder: {embedder.params} parameters, {embedder.bytes_at('none', 2) / GIB:.3f} GiB in bf16")
+    assert siglip.params == 428_225_600 and embedder.params == 64_503_808
+    assert siglip.blocks == 27 and embedder.blocks == 1
+    assert siglip.hidden == embedder.hidden == 0  # they do not size the denoising reserve
+    # bf16: two bytes a parameter, plus SigLIP's position_ids buffer (729 int64).
+    assert siglip.bytes_at("none", 2) == 2 * 428_225_600 + 729 * 8
+    assert embedder.bytes_at("none", 2) == 2 * 64_503_808
+    assert round(siglip.bytes_at("none", 2) / GIB, 2) == 0.80 and round(embedder.bytes_at("none", 2) / GIB, 2) == 0.12
+    plan = plan_on(80, flux_shapes)
+    assert plan.fits and plan.setting == "everything pinned"
+    for name in REDUX:
+        assert component(plan, name).precision == "bf16" and component(plan, name).placement == "device"
+        assert component(plan, name).bytes == flux_shapes[name].bytes_at("none", 2)
+    # They count in the plan's total like every other model.
+    assert plan.device_bytes == sum(c.bytes for c in plan.components) + plan.reserve_bytes
+
+
+def test_a_plan_without_redux_has_no_redux_components(flux_folders: tuple[Path, Path, Path, Path]) -> None:
+    base, fill, controlnet, redux = flux_folders
+    modes = tuple(mode for mode in ALL_MODES if mode != "redux")
+    assert not set(REDUX) & set(enabled_components(modes))
+    assert set(REDUX) <= set(enabled_components(("text2img", "redux")))
+    assert set(component_folders(base, fill, controlnet, redux_path=redux)) - set(
+        component_folders(base, fill, controlnet)
+    ) == set(REDUX)
+    assert component_folders(base, None, None, redux_path=redux)["redux_image_encoder"] == redux / "image_encoder"
+    assert component_folders(base, None, None, redux_path=redux)["redux_image_embedder"] == redux / "image_embedder"
+    with_redux = shapes_from_folders(component_folders(base, fill, controlnet, redux_path=redux))
+    without = shapes_from_folders(component_folders(base, fill, controlnet))
+    for shapes in (without, shapes_from_family(enabled_components(modes))):
+        plan = plan_on(80, shapes)
+        assert not {c.name for c in plan.components} & set(REDUX)
+    # Pinned, the Redux models add exactly their bf16 bytes (the reserve is the transformer's and the VAE's).
+    difference = plan_on(80, with_redux).device_bytes - plan_on(80, without).device_bytes
+    assert difference == sum(with_redux[name].bytes_at("none", 2) for name in REDUX)
+
+
+@pytest.mark.parametrize("explicit", [{}, {"quantize": {"text_encoder_2": "int8"}}, {"offload": "text_encoders"}])
+def test_the_redux_models_are_placed_with_the_text_encoders_on_every_rung(
+    flux_shapes: dict[str, ComponentShape], explicit: dict[str, Any]
+) -> None:
+    """On every rung of the ladder and in every requested setting, SigLIP goes where T5 goes and the small embedder
+    where CLIP goes (on the device; on the host under text_encoders and model offload; under group offload SigLIP is
+    streamed as T5 is and the embedder stays, as CLIP does); both at the model dtype whatever is quantised."""
+    device = card_device_info(24)
+    plans = plan_ladder(settings(**explicit), flux_shapes, device, "bf16")
+    for strategy, offload in (("pinned", "none"), ("quantized", "none"), ("offload", "model"), ("offload", "group")):
+        requested = settings(**{**explicit, "strategy": strategy, "offload": offload})
+        plans.append(evaluate(requested_setting(requested, device), flux_shapes, device, "bf16", 0, strategy))
+    placements = set()
+    for plan in plans:
+        place = {c.name: c.placement for c in plan.components}
+        assert place["redux_image_encoder"] == place["text_encoder_2"], plan.setting
+        assert place["redux_image_embedder"] == place["text_encoder"], plan.setting
+        placements.add((plan.offload, place["redux_image_encoder"], place["redux_image_embedder"]))
+        for name in REDUX:
+            assert component(plan, name).precision == "bf16", (plan.setting, name)
+            assert dict(plan.quantize).get(name) is None  # memory.quantize cannot name them
+        # What is not on the device is on the host, the Redux models included.
+        assert plan.host_bytes == sum(c.bytes for c in plan.components if c.placement != "device")
+    expected = {
+        ("none", "device", "device"),
+        ("text_encoders", "cpu", "cpu"),
+        ("model", "offload", "offload"),
+        ("group", "group", "device"),
+    }
+    assert placements <= expected and expected - placements <= {("none", "device", "device")}
+    # On a CPU worker everything is on its one device.
+    cpu = plan_memory(settings(**explicit), flux_shapes, cpu_device_info(512), "fp32")
+    assert {component(cpu, name).placement for name in REDUX} == {"device"}
+
+
+def test_model_offload_moves_the_redux_models_one_at_a_time(flux_shapes: dict[str, ComponentShape]) -> None:
+    """Under model CPU offload the device holds the largest single model (or the transformer with its ControlNet),
+    never the Redux models beside it; with a small enough transformer set, SigLIP is what the device must hold."""
+    plan = plan_on(24, flux_shapes)
+    assert plan.offload == "model"
+    assert (
+        plan.device_bytes - plan.reserve_bytes
+        == component(plan, "transformer").bytes + component(plan, "controlnet").bytes
+    )
+    small = {name: shape for name, shape in flux_shapes.items() if name in (*TEXT_ENCODERS, *REDUX)}
+    offload = plan_memory(
+        settings(strategy="offload", offload="model", reserve_gb=1), small, card_device_info(24), "bf16"
+    )
+    assert offload.device_bytes - offload.reserve_bytes == max(
+        component(offload, name).bytes for name in (*TEXT_ENCODERS, *REDUX)
+    )
 
 
 @pytest.mark.parametrize(
@@ -208,12 +343,14 @@ def test_each_rung_needs_less_device_memory_than_the_one_before(flux_shapes: dic
     ]
     device = [rung.device_bytes for rung in rungs]
     assert device == sorted(device, reverse=True) and len(set(device)) == len(device)
-    # What leaves the device is held by the host instead.
+    # What leaves the device is held by the host instead: the text encoders, and the Redux models with them.
     text_encoders_on_cpu = rungs[3]
+    encoders = (*TEXT_ENCODERS, *REDUX)
     assert text_encoders_on_cpu.host_bytes == sum(
-        c.bytes for c in text_encoders_on_cpu.components if c.name.startswith("text_encoder")
+        c.bytes for c in text_encoders_on_cpu.components if c.name in encoders
     )
-    assert {c.placement for c in text_encoders_on_cpu.components if c.name.startswith("text_encoder")} == {"cpu"}
+    assert {c.placement for c in text_encoders_on_cpu.components if c.name in encoders} == {"cpu"}
+    assert rungs[2].device_bytes - rungs[3].device_bytes == text_encoders_on_cpu.host_bytes
 
 
 def test_pinned_refuses_a_card_it_does_not_fit_and_names_what_would(flux_shapes: dict[str, ComponentShape]) -> None:
@@ -323,8 +460,13 @@ def embedded_paths(embedded_cache: Path) -> Any:
 def test_estimates_for_the_embedded_model_match_the_bytes_allocated(embedded_paths: Any, strategy: str) -> None:
     from workers.loading import ModelPaths, load_models
 
-    paths = ModelPaths(base=embedded_paths.base, fill=embedded_paths.fill, controlnet=embedded_paths.controlnet)
-    shapes = shapes_from_folders(component_folders(paths.base, paths.fill, paths.controlnet))
+    paths = ModelPaths(
+        base=embedded_paths.base,
+        fill=embedded_paths.fill,
+        controlnet=embedded_paths.controlnet,
+        redux=embedded_paths.redux,
+    )
+    shapes = shapes_from_folders(component_folders(paths.base, paths.fill, paths.controlnet, redux_path=paths.redux))
     assert sorted(shapes) == sorted(enabled_components(ALL_MODES))
     plan = plan_memory(settings(strategy=strategy, auto_quantization="int8"), shapes, cpu_device_info(0), "fp32")
     assert plan.fits
@@ -336,6 +478,7 @@ def test_estimates_for_the_embedded_model_match_the_bytes_allocated(embedded_pat
         "transformer": models.base.transformer,
         "fill": models.fill_transformer,
         "controlnet": models.controlnet,
+        **load_redux_models(embedded_paths.redux),
     }
     for planned in plan.components:
         assert allocated_bytes(loaded[planned.name]) == planned.bytes, planned.name
@@ -344,6 +487,33 @@ def test_estimates_for_the_embedded_model_match_the_bytes_allocated(embedded_pat
     assert precisions["transformer"] == ("int8" if quantized else "fp32")
     assert precisions["fill"] == precisions["controlnet"] == precisions["transformer"]
     assert precisions["text_encoder_2"] == "fp32"
+    assert precisions["redux_image_encoder"] == precisions["redux_image_embedder"] == "fp32"
+
+
+def load_redux_models(redux: Path) -> dict[str, torch.nn.Module]:
+    """The embedded FLUX.1-Redux models, instantiated from their folders with the real classes, on the CPU."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionModel
+
+    return {
+        "redux_image_encoder": SiglipVisionModel.from_pretrained(redux / "image_encoder", dtype=torch.float32),
+        "redux_image_embedder": ReduxImageEncoder.from_pretrained(redux / "image_embedder", dtype=torch.float32),
+    }
+
+
+def test_the_embedded_redux_folders_are_counted(embedded_paths: Any) -> None:
+    """The planner's shapes of the embedded Redux folders (meta device, config only) hold exactly the parameters of
+    the models from_pretrained builds from them."""
+    folders = component_folders(embedded_paths.base, None, None, redux_path=embedded_paths.redux)
+    shapes = shapes_from_folders({name: folders[name] for name in REDUX})
+    models = load_redux_models(embedded_paths.redux)
+    for name in REDUX:
+        model = models[name]
+        assert shapes[name].params == sum(p.numel() for p in model.parameters()) > 0, name
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert shapes[name].linear_params == linear, name
+        assert shapes[name].bytes_at("none", 4) == allocated_bytes(model), name
+    assert shapes["redux_image_encoder"].blocks == 1  # the tiny SigLIP has one layer
 
 
 def test_pipelines_share_the_quantised_transformer(embedded_cache: Path) -> None:

@@ -17,6 +17,23 @@ def test_plan_sizes_the_flux_family_for_each_card(capsys: pytest.CaptureFixture[
     # The whole ladder is shown, the rung taken marked.
     assert "  -> all transformers quantised (fp8) + model CPU offload " in out
     assert out.count("the auto ladder on this card:") == 2
+    # The default model.modes include redux: the FLUX.1-Redux models are planned, at bf16, on every card.
+    assert "FLUX.1-Redux-dev" in out
+    for name, millions in (("redux_image_encoder", 428), ("redux_image_embedder", 65)):
+        assert out.count(f"  {name} ") == 2
+        assert f"  {name:<22}{millions:>9}M  bf16      " in out
+
+
+def test_plan_leaves_redux_out_when_the_modes_do(
+    capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = tmp_path_factory.mktemp("plan") / "config.yaml"
+    config.write_text("model: {modes: [text2img, img2img, fill, controlnet]}\n")
+    assert main(["plan", "--memory-gb", "80", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "  transformer " in out and "redux_image" not in out
+    # Without the Redux models the pinned plan is 0.9 GiB smaller (64.1 GiB instead of 65.0).
+    assert "strategy auto -> everything pinned: fits: 64.1 GiB of 79.5 GiB" in out
 
 
 def test_plan_without_fp8_quantises_int8(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,11 +60,18 @@ def test_plan_reads_a_configured_models_folders(
     config = tmp_path_factory.mktemp("plan") / "config.yaml"
     config.write_text(
         f"model: {{path: {paths.base}}}\nfill: {{path: {paths.fill}}}\ncontrolnet: {{path: {paths.controlnet}}}\n"
-        "memory: {strategy: pinned}\n"
+        f"redux: {{path: {paths.redux}}}\nmemory: {{strategy: pinned}}\n"
     )
     assert main(["plan", "--memory-gb", "2", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"planning for the configured model at {paths.base}" in out
     assert "memory plan for 2 GB card: strategy pinned -> everything pinned: fits" in out
-    for name in ("transformer", "fill", "controlnet", "text_encoder_2"):
+    for name in ("transformer", "fill", "controlnet", "text_encoder_2", "redux_image_encoder", "redux_image_embedder"):
         assert f"  {name} " in out
+    # Without redux.path a real model serves no redux (config.served_modes): nothing of it is planned.
+    config.write_text(
+        f"model: {{path: {paths.base}}}\nfill: {{path: {paths.fill}}}\ncontrolnet: {{path: {paths.controlnet}}}\n"
+    )
+    assert main(["plan", "--memory-gb", "2", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "  controlnet " in out and "redux_image" not in out
