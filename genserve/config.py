@@ -60,6 +60,7 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_MODEL_PATH": ("model", "path"),
     "GENSERVE_FILL_PATH": ("fill", "path"),
     "GENSERVE_CONTROLNET_PATH": ("controlnet", "path"),
+    "GENSERVE_REDUX_PATH": ("redux", "path"),
     "GENSERVE_CPU_WORKERS": ("workers", "cpu_workers"),
     "GENSERVE_DEVICES": ("workers", "devices"),
     "GENSERVE_RESULTS_DIR": ("results", "dir"),

@@ -28,12 +28,14 @@ REQUIRED_IMAGES: dict[Mode, tuple[str, ...]] = {
     "img2img": ("input_image",),
     "fill": ("input_image", "mask_image"),
     "controlnet": ("control_image",),
+    "redux": ("input_image",),
 }
 USED_IMAGES: dict[Mode, tuple[str, ...]] = {
     "text2img": (),
     "img2img": ("input_image",),
     "fill": ("input_image", "mask_image"),
     "controlnet": ("control_image", "input_image"),
+    "redux": ("input_image",),
 }
 
 SIZE_MULTIPLE = 16
@@ -115,6 +117,11 @@ def _decode_images(mode: Mode, images: EncodedImages, config: Config) -> dict[st
     return decoded
 
 
+def _default_cfg(mode: Mode, config: Config) -> float:
+    defaults = config.defaults
+    return {"fill": defaults.fill_cfg, "redux": defaults.redux_cfg}.get(mode, defaults.cfg)
+
+
 def resolve_loras(
     requested: list[LoraRequest] | None, mode: Mode, config: Config, catalogue: LoraCatalogue | None
 ) -> tuple[LoraUse, ...]:
@@ -177,7 +184,7 @@ def prepare_job(
     width, height = snap_size(width), snap_size(height)
     steps = defaults.num_inference_steps if req.num_inference_steps is None else req.num_inference_steps
     _check_range("num_inference_steps", steps, limits.min_steps, limits.max_steps)
-    cfg = req.cfg if req.cfg is not None else (defaults.fill_cfg if mode == "fill" else defaults.cfg)
+    cfg = req.cfg if req.cfg is not None else _default_cfg(mode, config)
     _check_range("cfg", cfg, 0, limits.max_cfg)
     strength = defaults.strength if req.strength is None else req.strength
     control_mode = resolve_control_mode(req.controlnet_type, config) if mode == "controlnet" else None
@@ -216,6 +223,8 @@ def prepare_job(
         controlnet_conditioning_scale=config.controlnet.conditioning_scale,
         output_path="",
         loras=lora_uses,
+        prompt_embeds_scale=req.prompt_embeds_scale,
+        pooled_prompt_embeds_scale=req.pooled_prompt_embeds_scale,
     )
     priority = defaults.priority if req.priority is None else req.priority
     params: dict[str, Any] = {
@@ -229,8 +238,11 @@ def prepare_job(
         "priority": priority,
         "images": sorted(decoded),
     }
-    if "input_image" in raw:
+    if "input_image" in raw and mode != "redux":  # redux takes the image's embedding, not a strength
         params["strength"] = request.strength
+    if mode == "redux":
+        params["prompt_embeds_scale"] = req.prompt_embeds_scale
+        params["pooled_prompt_embeds_scale"] = req.pooled_prompt_embeds_scale
     if lora_uses:
         params["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in lora_uses]
     if mode == "controlnet":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from genserve.messages import Mode
 
@@ -43,14 +43,19 @@ def parse_loras_field(value: Any) -> Any:
     return value
 
 
+def _is_redux(mode: Any) -> bool:
+    return isinstance(mode, str) and mode.strip().lower() == "redux"
+
+
 class GenerateRequest(BaseModel):
     """Fields of POST /generate (JSON) and POST /generate/img2img (form-data). Unset fields take config defaults."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    prompt: str = Field(description="Text prompt.")
+    # mode comes first: the prompt's check reads it (redux may go without a prompt)
+    mode: Mode = Field("text2img", description="text2img | img2img | fill | controlnet | redux.")
+    prompt: str = Field(description="Text prompt; redux may omit it (the image alone guides it).")
     model_id: str | None = Field(None, description="Model to use; the server's model when omitted.")
-    mode: Mode = Field("text2img", description="text2img | img2img | fill | controlnet.")
     width: int | None = Field(None, description="Output width; snapped down to a multiple of 16.")
     height: int | None = Field(None, description="Output height; snapped down to a multiple of 16.")
     num_inference_steps: int | None = Field(
@@ -86,11 +91,24 @@ class GenerateRequest(BaseModel):
     input_image: str | None = Field(None, description="Base64 or data: URI (JSON); a file (form-data).")
     mask_image: str | None = Field(None, description="Fill mask, white = repaint; same size as input_image.")
     control_image: str | None = Field(None, description="ControlNet conditioning image.")
+    prompt_embeds_scale: float = Field(
+        1.0, ge=0, le=10, allow_inf_nan=False, description="redux: scale of the image (and prompt) embeddings."
+    )
+    pooled_prompt_embeds_scale: float = Field(
+        1.0, ge=0, le=10, allow_inf_nan=False, description="redux: scale of the pooled embedding."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redux_prompt_optional(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prompt") is None and _is_redux(data.get("mode")):
+            return {**data, "prompt": ""}
+        return data
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
+    def _prompt_not_blank(cls, prompt: str, info: ValidationInfo) -> str:
+        if not prompt.strip() and info.data.get("mode") != "redux":
             raise ValueError("prompt must not be empty")
         return prompt
 

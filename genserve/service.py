@@ -59,6 +59,12 @@ class Service:
     stop: StopControl
     loras: LoraCatalogue  # the LoRAs requests may name (GET/POST /loras)
 
+    def variation_mode(self) -> Mode:
+        """What makes an image variation (OpenAI variations, /process with only an image): FLUX.1-Redux when it is
+        served and openai.variation_mode asks for it, else img2img with openai.variation_prompt."""
+        wanted = self.config.openai.variation_mode
+        return "redux" if wanted == "redux" and "redux" in self.modes else "img2img"
+
     def drain(self) -> None:
         """Stop taking jobs and let running ones finish within server.shutdown_grace_s (blocking; any thread)."""
         self.supervisor.drain(self.config.server.shutdown_grace_s)

@@ -43,6 +43,7 @@ from genserve.memory_plan import (
 from genserve.messages import AdaptersChanged, FailureKind, ImageFile, JobRequest, MemoryPlan, Mode, WorkerSpec
 from workers.adapters import Adapters
 from workers.loading import ModelPaths, Offloader, execution_device, load_models
+from workers.redux import ReduxEncoder, load_redux
 from workers.speed import WARMUP_STEPS, CompileStats, Speed
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ class JobOutput:
 
     image: Image.Image  # the job's output, on the host
     pipeline_s: float  # seconds inside the pipeline call (prompt encoding, denoising, VAE decode)
+
+
+def _redux_device(plan: MemoryPlan, device: str) -> str:
+    """Where the Redux image models run: with the text encoders (their component follows them in the plan)."""
+    placement = {component.name: component.placement for component in plan.components}.get("redux_image_encoder")
+    return device if placement in (None, "device") else "cpu"
 
 
 def _per_image(file: ImageFile, batch: int) -> Image.Image | list[Image.Image]:
@@ -122,7 +129,8 @@ def _model_paths(spec: WorkerSpec) -> tuple[ModelPaths, bool]:
     if spec.model_path:
         fill = Path(spec.fill_path) if "fill" in spec.modes and spec.fill_path else None
         controlnet = Path(spec.controlnet_path) if "controlnet" in spec.modes and spec.controlnet_path else None
-        return ModelPaths(base=Path(spec.model_path), fill=fill, controlnet=controlnet), False
+        redux = Path(spec.redux_path) if "redux" in spec.modes and spec.redux_path else None
+        return ModelPaths(base=Path(spec.model_path), fill=fill, controlnet=controlnet, redux=redux), False
     from workers.embedded import ensure_embedded_model
 
     built = ensure_embedded_model(Path(spec.embedded_cache_dir))
@@ -136,6 +144,7 @@ def _model_paths(spec: WorkerSpec) -> tuple[ModelPaths, bool]:
             base=built.base,
             fill=built.fill if "fill" in spec.modes else None,
             controlnet=built.controlnet if "controlnet" in spec.modes else None,
+            redux=built.redux if "redux" in spec.modes else None,
         ),
         True,
     )
@@ -143,7 +152,7 @@ def _model_paths(spec: WorkerSpec) -> tuple[ModelPaths, bool]:
 
 def make_plan(spec: WorkerSpec, paths: ModelPaths, dtype: torch.dtype) -> MemoryPlan:
     """The worker's memory plan, from its folders' configs and its device's free memory (no weight read)."""
-    folders = component_folders(paths.base, paths.fill, paths.controlnet)
+    folders = component_folders(paths.base, paths.fill, paths.controlnet, redux_path=paths.redux)
     shapes = shapes_from_folders(folders)
     if spec.device.startswith("cuda"):
         device = cuda_device_info(spec.device, spec.memory.device_memory_gb)
@@ -165,6 +174,7 @@ class PipelineSet:
         offloader: Offloader,
         speed: Speed,
         adapters: Adapters,
+        redux: ReduxEncoder | None = None,
     ) -> None:
         self.device = device
         self.modes = modes
@@ -174,6 +184,7 @@ class PipelineSet:
         self._offloader = offloader
         self._speed = speed
         self._adapters = adapters
+        self._redux = redux
         self.compile_stats = CompileStats(warmup_s=0.0, cache_hits=0, cache_misses=0)
 
     @classmethod
@@ -231,6 +242,11 @@ class PipelineSet:
             )
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
+        redux = None
+        if paths.redux is not None:
+            # Redux makes the prompt embeddings; the base pipeline denoises with them (no pipeline of its own).
+            redux = load_redux(paths.redux, base, _redux_device(plan, device), dtype)
+            pipes["redux"] = base
         by_name = {
             "text_encoder": base.text_encoder,
             "text_encoder_2": base.text_encoder_2,
@@ -247,6 +263,7 @@ class PipelineSet:
         modes = tuple(mode for mode in spec.modes if mode in pipes)
         adapters = Adapters(pipes, spec.loras, on_adapters, spec.slot)
         pipelines = cls(
+            redux=redux,
             device=device,
             modes=modes,
             pipes=pipes,
@@ -265,7 +282,7 @@ class PipelineSet:
 
     def warm_up_pipelines(self) -> list[str]:
         """One pipeline per distinct compiled graph set: ControlNet img2img shares the ControlNet's."""
-        return [name for name in ("text2img", "img2img", "fill", "controlnet") if name in self._pipes]
+        return [name for name in ("text2img", "img2img", "fill", "controlnet", "redux") if name in self._pipes]
 
     def warm_up_job(self, pipeline: str, width: int, height: int) -> None:
         """A two-step job of ``pipeline``'s mode at width x height on grey inputs, through the normal job path."""
@@ -286,7 +303,7 @@ class PipelineSet:
                 guidance_scale=3.5,
                 seed=0,
                 strength=1.0,
-                input_image=picture if pipeline in ("img2img", "fill") else None,
+                input_image=picture if pipeline in ("img2img", "fill", "redux") else None,
                 mask_image=mask if pipeline == "fill" else None,
                 control_image=picture if pipeline == "controlnet" else None,
                 control_mode=0,
@@ -317,7 +334,7 @@ class PipelineSet:
         self._speed.before_job(first.width, first.height, pipe_name, len(jobs))
         self._adapters.activate(first.mode, first.loras)
         with torch.inference_mode():
-            prompt_embeds, pooled_prompt_embeds = self._encode_prompt(pipe, first.prompt, len(jobs))
+            prompt_embeds, pooled_prompt_embeds = self._embeddings(pipe, first, len(jobs))
             images = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -332,6 +349,21 @@ class PipelineSet:
             ).images
         pipeline_s = time.perf_counter() - began
         return [JobOutput(image=image, pipeline_s=pipeline_s) for image in images]
+
+    def _embeddings(self, pipe: Any, job: JobRequest, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the transformer is conditioned on: the prompt's embeddings, or (redux) the input image's."""
+        if job.mode != "redux":
+            return self._encode_prompt(pipe, job.prompt, copies)
+        assert self._redux is not None and job.input_image is not None
+        prompt_embeds, pooled = self._redux.encode(
+            image_file_to_pil(job.input_image),
+            job.prompt,
+            job.prompt_embeds_scale,
+            job.pooled_prompt_embeds_scale,
+            copies=copies,
+        )
+        target, dtype = execution_device(pipe), pipe.transformer.dtype
+        return prompt_embeds.to(target, dtype), pooled.to(target, dtype)
 
     def _encode_prompt(self, pipe: Any, prompt: str, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 and CLIP embeddings of the prompt, computed once where the text encoders live, moved to where the job
@@ -349,8 +381,8 @@ class PipelineSet:
 
     def _arguments(self, job: JobRequest, batch: int) -> tuple[str, dict[str, Any]]:
         """Which pipeline runs the job (or a batch of ``batch`` like it), and the mode-specific keyword arguments."""
-        if job.mode == "text2img":
-            return "text2img", {}
+        if job.mode in ("text2img", "redux"):  # redux: the base pipeline, on the image's embeddings
+            return job.mode, {}
         if job.mode == "img2img":
             assert job.input_image is not None
             return "img2img", {"image": _per_image(job.input_image, batch), "strength": job.strength}

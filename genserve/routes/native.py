@@ -31,6 +31,7 @@ FEATURES = {
     "img2img": "image-to-image",
     "fill": "fill",
     "controlnet": "controlnet",
+    "redux": "redux",
 }
 
 
@@ -58,7 +59,7 @@ def _render_success(jobs: list[Job], prepared: PreparedJob, elapsed: float) -> b
         height=result.height,
         num_inference_steps=request.num_inference_steps,
         cfg=request.guidance_scale,
-        strength=request.strength if request.input_image is not None else None,
+        strength=prepared.params.get("strength"),
         priority=prepared.priority,
         loras=prepared.params.get("loras"),
         worker_id=job.worker_slot,
@@ -170,6 +171,8 @@ async def models(request: Request) -> list[dict[str, Any]]:
             "total_gpu_processes": service.supervisor.total_workers(),
             "available_gpu_processes": service.supervisor.ready_count(),
             "supported_features": [FEATURES[mode] for mode in service.modes],
+            # Listed modes this server cannot serve, and why (a real model without that mode's weights).
+            "disabled_modes": config.served_modes()[1],
             "embedded_test_model": embedded,
             # How each worker fits the model on its device (precision and placement per component).
             "memory_plans": plans,

@@ -280,7 +280,7 @@ async def edits(request: Request) -> JSONResponse:
 
 @router.post(
     "/variations",
-    summary="OpenAI images.create_variation: image → n img2img variations",
+    summary="OpenAI images.create_variation: image → n variations (FLUX.1-Redux, or img2img)",
     openapi_extra=intake.body_schema(ImagesRequest, json=False, form=True, files=("image",)),
 )
 async def variations(request: Request) -> JSONResponse:
@@ -290,8 +290,13 @@ async def variations(request: Request) -> JSONResponse:
     check_model(body.model, service.config)
     image = _one_image(images, ("image",))
     source = await run_in_threadpool(_source_size, service, image)
+    mode = service.variation_mode()
+    inputs: EncodedImages = {"input_image": image}
+    if mode == "redux":  # the image's embedding guides it; a prompt, if sent, is mixed in
+        return await _make_images(
+            request, service, body, mode=mode, prompt=body.prompt or "", images=inputs, source_size=source
+        )
     if body.strength is None:
         body = body.model_copy(update={"strength": service.config.openai.variation_strength})
     prompt = body.prompt or service.config.openai.variation_prompt
-    inputs: EncodedImages = {"input_image": image}
-    return await _make_images(request, service, body, mode="img2img", prompt=prompt, images=inputs, source_size=source)
+    return await _make_images(request, service, body, mode=mode, prompt=prompt, images=inputs, source_size=source)

@@ -1,9 +1,9 @@
 """Flux Imaging API routes (seed 004): ``POST /process`` and ``POST /process/raw``, which pick the mode themselves.
 
-Image and prompt → edit (img2img); image only → variation (img2img with a neutral prompt); prompt only → generate
-(text2img); neither → 400. The image comes as an upload (``input_file``) or by ``input_image_url`` (an http(s) URL
-or a data: URI). /process answers JSON with base64 or a URL (``openai.process_response``); /process/raw answers
-the PNG itself. Runs on the API process's event loop.
+Image and prompt → edit (img2img); image only → variation (FLUX.1-Redux when served and openai.variation_mode is
+redux, else img2img with a neutral prompt); prompt only → generate (text2img); neither → 400. The image comes as an
+upload (``input_file``) or by ``input_image_url`` (an http(s) URL or a data: URI). /process answers JSON with base64
+or a URL (``openai.process_response``); /process/raw answers the PNG itself. Runs on the API process's event loop.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class ProcessRequest(BaseModel):
     bearer_token: str | None = None
 
 
-def choose_mode(prompt: str | None, has_image: bool) -> tuple[ProcessMode, Mode]:
+def choose_mode(prompt: str | None, has_image: bool, variation: Mode = "img2img") -> tuple[ProcessMode, Mode]:
     has_prompt = bool(prompt and prompt.strip())
     if has_image and has_prompt:
         return "edit", "img2img"
     if has_image:
-        return "variation", "img2img"
+        return "variation", variation
     if has_prompt:
         return "generate", "text2img"
     raise BadRequest("send a prompt, an image (input_file or input_image_url), or both")
@@ -79,10 +79,11 @@ async def _run(request: Request, service: Service) -> tuple[Job, ProcessMode]:
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
     image = images.get("input_file") or images.get("input_image_url")
-    kind, mode = choose_mode(params.prompt, bool(image))
+    kind, mode = choose_mode(params.prompt, bool(image), service.variation_mode())
     openai = service.config.openai
-    prompt = params.prompt if kind != "variation" else openai.variation_prompt
-    strength = params.strength or (openai.variation_strength if kind == "variation" else None)
+    prompt, strength = params.prompt, params.strength
+    if kind == "variation" and mode == "img2img":
+        prompt, strength = openai.variation_prompt, strength or openai.variation_strength
     try:
         generate = GenerateRequest.model_validate(
             {

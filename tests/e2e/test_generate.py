@@ -16,6 +16,7 @@ MODE_IMAGES: dict[str, dict[str, bytes]] = {
     "img2img": {"input_image": png_bytes((256, 256))},
     "fill": {"input_image": png_bytes((256, 256)), "mask_image": mask_png((256, 256))},
     "controlnet": {"control_image": png_bytes((200, 150), (255, 255, 255))},
+    "redux": {"input_image": png_bytes((256, 256), (30, 90, 200))},
 }
 
 
@@ -145,7 +146,7 @@ def test_models_lists_the_model_and_says_it_is_the_test_model(server: GenServePr
     (model,) = requests.get(f"{server.url}/models", timeout=5).json()
     assert model["model_id"] == "flux1-dev"
     assert model["total_gpu_processes"] == 1 and model["available_gpu_processes"] == 1
-    assert model["supported_features"] == ["text-to-image", "image-to-image", "fill", "controlnet"]
+    assert model["supported_features"] == ["text-to-image", "image-to-image", "fill", "controlnet", "redux"]
     assert "random-weight test model" in model["description"].lower()
 
 

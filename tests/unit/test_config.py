@@ -251,14 +251,15 @@ def test_embedded_model_serves_every_mode() -> None:
     assert notes == []
 
 
-def test_real_model_without_fill_or_controlnet_weights_drops_those_modes() -> None:
+def test_real_model_without_fill_controlnet_or_redux_weights_drops_those_modes() -> None:
     config = load_config(None, {"GENSERVE_MODEL_PATH": "/models/flux"})
     assert not config.uses_embedded_model
     modes, notes = config.served_modes()
     assert modes == ("text2img", "img2img")
-    assert len(notes) == 2
+    assert len(notes) == 3
     assert any("fill" in note and "fill.path" in note for note in notes)
     assert any("controlnet" in note and "controlnet.path" in note for note in notes)
+    assert any("redux" in note and "redux.path" in note for note in notes)
 
 
 def test_real_model_with_fill_and_controlnet_weights_serves_every_mode() -> None:
@@ -268,6 +269,7 @@ def test_real_model_with_fill_and_controlnet_weights_serves_every_mode() -> None
             "GENSERVE_MODEL_PATH": "/m/flux",
             "GENSERVE_FILL_PATH": "/m/fill",
             "GENSERVE_CONTROLNET_PATH": "/m/cn",
+            "GENSERVE_REDUX_PATH": "/m/redux",
         },
     )
     assert config.served_modes() == (ALL_MODES, [])
