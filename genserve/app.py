@@ -21,7 +21,7 @@ from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
-from genserve.middleware import BodySizeLimit
+from genserve.middleware import BodyCap, BodySizeLimit
 from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
@@ -92,7 +92,9 @@ def create_app(
     )
     app.state.service = service
     app.state.keyring = keyring
-    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
+    # A LoRA upload may be larger than any generation request: /loras has its own cap.
+    lora_upload = BodyCap(config.loras.max_upload_bytes + loras.FORM_SLACK_BYTES, "loras.max_upload_mb")
+    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes, routes={"/loras": lora_upload})
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(jobs_routes.router)

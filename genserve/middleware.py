@@ -7,20 +7,32 @@ and exceeding it raises PayloadTooLarge inside the route, which the one error ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.errors import PayloadTooLarge
 
 
+@dataclass(frozen=True)
+class BodyCap:
+    """A body cap and the setting that sets it (named in the 413)."""
+
+    max_bytes: int
+    setting: str
+
+
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, BodyCap] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = BodyCap(max_bytes, "server.max_request_mb")
+        self.routes = routes or {}  # exact path -> its own cap (the LoRA upload takes files larger than requests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cap = self.routes.get(scope["path"], self.default)
         received = 0
 
         async def counted_receive() -> Message:
@@ -28,10 +40,9 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > cap.max_bytes:
                     raise PayloadTooLarge(
-                        f"request body is larger than the {self.max_bytes // (1024 * 1024)} MB limit "
-                        "(server.max_request_mb)"
+                        f"request body is larger than the {cap.max_bytes / (1024 * 1024):g} MB limit ({cap.setting})"
                     )
             return message
 

@@ -53,15 +53,15 @@ def form_body_schema() -> dict[str, Any]:
 # --- body parsing ----------------------------------------------------------------------------------------------
 
 
-def _body_too_large(max_bytes: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than the {max_bytes // (1024 * 1024)} MB limit")
+def _body_too_large(max_bytes: int, setting: str = "server.max_request_mb") -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than the {max_bytes / (1024 * 1024):g} MB limit ({setting})")
 
 
-def refuse_declared_oversize(request: Request, max_bytes: int) -> None:
+def refuse_declared_oversize(request: Request, max_bytes: int, setting: str = "server.max_request_mb") -> None:
     """Refuse by Content-Length before reading a byte of an oversized body."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _body_too_large(max_bytes)
+        raise _body_too_large(max_bytes, setting)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -107,7 +107,7 @@ def _copy_capped(source: Any, target: Path, max_bytes: int, too_large: PayloadTo
 )
 async def add_lora(request: Request) -> JSONResponse:
     loras = catalogue(request)
-    refuse_declared_oversize(request, loras.max_upload_bytes + FORM_SLACK_BYTES)
+    refuse_declared_oversize(request, loras.max_upload_bytes + FORM_SLACK_BYTES, "loras.max_upload_mb")
     form = await request.form(max_files=1, max_fields=8)
     try:
         upload = form.get("file")

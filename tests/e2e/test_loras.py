@@ -15,13 +15,14 @@ ADMIN = "admin-lora-key-000001"
 USER = "user-lora-key-0000001"  # generate + read
 READER = "reader-lora-key-00001"  # read only
 MAX_UPLOAD_MB = 0.05  # ~52 KB: the embedded LoRAs are 5-8 KB
+MAX_REQUEST_MB = 0.02  # ~20 KB: a LoRA upload may be larger than any other request (its own cap)
 
 
 @pytest.fixture(scope="module")
 def served(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> GenServeProcess:
     loras = tmp_path_factory.mktemp("loras")
     return start_server(
-        {"loras": {"dir": str(loras), "max_upload_mb": MAX_UPLOAD_MB}},
+        {"loras": {"dir": str(loras), "max_upload_mb": MAX_UPLOAD_MB}, "server": {"max_request_mb": MAX_REQUEST_MB}},
         env={"GENSERVE_API_KEYS": f"ops:{ADMIN}:admin;user:{USER}:generate,read;reader:{READER}:read"},
     )
 
@@ -106,6 +107,21 @@ def test_a_pickle_file_name_is_refused(served: GenServeProcess, style_bytes: byt
 def test_oversize_is_413(served: GenServeProcess) -> None:
     response = upload(served, b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 * 2), name="huge")
     assert response.status_code == 413 and response.json()["error_type"] == "payload_too_large"
+
+
+def test_a_lora_larger_than_the_request_cap_uploads_under_its_own_cap(
+    served: GenServeProcess, style_bytes: bytes
+) -> None:
+    from safetensors.torch import load, save
+
+    # The same LoRA, its header padded with metadata: ~30 KB, over server.max_request_mb, within loras.max_upload_mb.
+    padded = save(load(style_bytes), metadata={"padding": "x" * 30_000})
+    assert MAX_REQUEST_MB * 2**20 < len(padded) < MAX_UPLOAD_MB * 2**20
+    response = upload(served, padded, name="padded")
+    assert response.status_code == 201, response.text
+    generate = requests.post(f"{served.url}/generate", json={"prompt": "x" * 30_000}, headers=bearer(USER), timeout=30)
+    assert generate.status_code == 413 and "server.max_request_mb" in generate.json()["error"]
+    assert requests.delete(f"{served.url}/loras/padded", headers=bearer(ADMIN), timeout=10).status_code == 204
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "with space"])
