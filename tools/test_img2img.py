@@ -3,18 +3,24 @@
 
 The tool draws its own input images with Pillow, all at the output size:
 
-- ``input.png``: a solid colour (the input of img2img and fill);
+- ``input.png``: a solid colour (the input of img2img, fill and redux);
 - ``mask.png``: black with a white rectangle in the middle (fill repaints the white part);
 - ``control.png``: white lines on black, shaped like an edge map (controlnet, canny).
 
-Tests (run in this order; no argument runs all five):
+Tests (run in this order; no argument runs all seven):
 
-- ``text2img``, ``img2img``, ``fill``, ``controlnet``: one generation each. A test passes when the server answers
-  HTTP 200 with ``success: true``, ``image_base64`` decodes to a PNG of exactly the asked size, and ``mode``,
-  ``width`` and ``height`` echo the request. Modes the server does not serve (``/status`` lists them) are skipped.
+- ``text2img``, ``img2img``, ``fill``, ``controlnet``, ``redux``: one generation each. A test passes when the server
+  answers HTTP 200 with ``success: true``, ``image_base64`` decodes to a PNG of exactly the asked size, and
+  ``mode``, ``width`` and ``height`` echo the request. ``redux`` (FLUX.1-Redux: a variation of ``input.png``) sends
+  a short prompt and ``prompt_embeds_scale`` / ``pooled_prompt_embeds_scale`` 0.9. Modes the server does not serve
+  (``/status`` lists them) are skipped.
+- ``lora``: ``GET /loras``, then one text2img generation with the first LoRA of the catalogue that fits the base
+  transformer, at weight 0.8: the same checks, and the response's ``loras`` must echo that LoRA and weight. Skipped,
+  with the reason, when the server has no LoRA catalogue, the catalogue is empty or no LoRA in it fits.
 - ``validation``: each mode without the image it needs must be refused with 400, ``success: false`` and a message
   that names the missing field (img2img without ``input_image``, fill without ``mask_image``, controlnet without
-  ``control_image``); an unknown mode must be refused with 400 too.
+  ``control_image``, redux without ``input_image``); an unknown mode must be refused with 400 too, and so must a
+  LoRA name the catalogue does not have, with a message that names it (skipped on a server without ``GET /loras``).
 
 Requests go to ``POST /generate`` as JSON with base64 images, or with ``--form`` to ``POST /generate/img2img`` as
 multipart form-data with the images as files. For each test the tool prints the device (``gpu_id``), the server's
@@ -30,6 +36,7 @@ import argparse
 import base64
 import binascii
 import io
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,21 +50,30 @@ from rich.table import Table
 
 from _cli import ToolError, add_connection_arguments, console, fail, make_session, positive_int, request_json
 
-GENERATION_MODES = ("text2img", "img2img", "fill", "controlnet")
-TESTS = (*GENERATION_MODES, "validation")
+GENERATION_MODES = ("text2img", "img2img", "fill", "controlnet", "redux")
+TESTS = (*GENERATION_MODES, "lora", "validation")
 DEFAULT_PROMPT = "a red lighthouse on a rocky coast at dusk, GenServe smoke test"
+REDUX_PROMPT = "watercolour"  # redux's prompt is optional: a short one steers the variation a little
+REDUX_SCALES = {"prompt_embeds_scale": 0.9, "pooled_prompt_embeds_scale": 0.9}
+LORA_WEIGHT = 0.8
+MISSING_LORA = "no-such-lora"  # a LoRA name no catalogue should have
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIZE_MULTIPLE = 16  # the server rounds sizes down to this
 MIN_SIZE, MAX_SIZE = 64, 2048
 
 EPILOG = """\
 examples:
-  %(prog)s                                   # all five tests on http://localhost:12411, JSON, 512 px, 4 steps
+  %(prog)s                                   # all seven tests on http://localhost:12411, JSON, 512 px, 4 steps
   %(prog)s img2img                           # one test
   %(prog)s fill controlnet --form            # two tests, as multipart form-data to /generate/img2img
+  %(prog)s redux lora                        # FLUX.1-Redux, and text2img with the first LoRA of GET /loras
   %(prog)s validation --url http://gpu-box:12411 --api-key KEY
   %(prog)s --size 1024 --steps 28 --prompt "a glass house in a forest" --seed 7
   %(prog)s --size 256 --steps 1 --save out/  # keep input.png, mask.png, control.png and every output PNG
+
+tests: text2img, img2img, fill, controlnet, redux (one generation each; skipped when the server does not serve
+the mode), lora (GET /loras, then text2img with the first LoRA that fits the base transformer at weight 0.8; skipped
+when none does), validation (missing images, an unknown mode, an unknown LoRA: each must be a 400 naming it).
 
 exit status: 0 all passed (or skipped), 1 a test failed, 2 the server is unreachable or not ready.
 """
@@ -119,6 +135,7 @@ class InputImages:
             "img2img": {"input_image": self.input_png},
             "fill": {"input_image": self.input_png, "mask_image": self.mask_png},
             "controlnet": {"control_image": self.control_png},
+            "redux": {"input_image": self.input_png},
         }[mode]
 
     def save(self, directory: Path) -> None:
@@ -135,6 +152,11 @@ class Reply:
     status: int
     body: dict[str, Any]
     client_s: float
+
+
+def form_value(value: Any) -> str:
+    """A field as form-data text: lists and objects (``loras``) as JSON, as the server parses them; the rest as is."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 class Client:
@@ -156,7 +178,7 @@ class Client:
             # Every field as a multipart part (files=(None, value) is a plain form field), so even text2img is
             # sent as multipart/form-data, like an HTML form with a file input.
             parts: list[tuple[str, tuple[str | None, bytes | str, str | None]]] = [
-                (name, (None, str(value), None)) for name, value in fields.items()
+                (name, (None, form_value(value), None)) for name, value in fields.items()
             ]
             parts += [(name, (f"{name}.png", data, "image/png")) for name, data in images.items()]
             kwargs = {"files": parts}
@@ -225,9 +247,8 @@ class Settings:
     seed: int
 
 
-def check_generation(client: Client, mode: str, images: InputImages, settings: Settings) -> Outcome:
-    """One generation in ``mode``: 200, success, a PNG of the asked size, the mode and size echoed."""
-    outcome = Outcome(name=mode, result="FAIL", mode=mode)
+def generation_fields(mode: str, settings: Settings) -> dict[str, Any]:
+    """The request fields of one generation in ``mode`` (images apart)."""
     fields: dict[str, Any] = {
         "prompt": settings.prompt,
         "mode": mode,
@@ -238,6 +259,42 @@ def check_generation(client: Client, mode: str, images: InputImages, settings: S
     }
     if mode == "controlnet":
         fields["controlnet_type"] = "canny"
+    if mode == "redux":
+        fields["prompt"] = REDUX_PROMPT
+        fields.update(REDUX_SCALES)
+    return fields
+
+
+def loras_echo_problem(echoed: Any, asked: list[dict[str, Any]]) -> str | None:
+    """Why the response's ``loras`` does not echo the asked ``[{name, weight}]`` (None when it does)."""
+    if not isinstance(echoed, list) or len(echoed) != len(asked):
+        return f"loras echoed as {echoed!r}, asked {asked!r}"
+    for got, want in zip(echoed, asked, strict=True):
+        weight = got.get("weight") if isinstance(got, dict) else None
+        if (
+            not isinstance(got, dict)
+            or got.get("name") != want["name"]
+            or not isinstance(weight, (int, float))
+            or abs(weight - want["weight"]) > 1e-6
+        ):
+            return f"loras echoed as {echoed!r}, asked {asked!r}"
+    return None
+
+
+def check_generation(
+    client: Client,
+    mode: str,
+    images: InputImages,
+    settings: Settings,
+    name: str | None = None,
+    loras: list[dict[str, Any]] | None = None,
+) -> Outcome:
+    """One generation in ``mode``: 200, success, a PNG of the asked size, the mode and size echoed (and the LoRAs,
+    when ``loras`` is given: they are sent and must come back in the response's ``loras``)."""
+    outcome = Outcome(name=name or mode, result="FAIL", mode=mode)
+    fields = generation_fields(mode, settings)
+    if loras is not None:
+        fields["loras"] = loras
     try:
         reply = client.generate(fields, images.for_mode(mode))
     except ToolError as exc:
@@ -264,14 +321,67 @@ def check_generation(client: Client, mode: str, images: InputImages, settings: S
         problems.append(f"mode echoed as {body.get('mode')!r}")
     if (body.get("width"), body.get("height")) != (settings.size, settings.size):
         problems.append(f"width/height reported as {body.get('width')}x{body.get('height')}")
+    if loras is not None and (problem := loras_echo_problem(body.get("loras"), loras)):
+        problems.append(problem)
     if problems:
         outcome.detail = "; ".join(problems)
         return outcome
     outcome.result = "PASS"
+    with_loras = "".join(f" with LoRA {lora['name']} at {lora['weight']:g}" for lora in loras or [])
     outcome.detail = (
-        f"{settings.size}x{settings.size} PNG, seed {body.get('seed')}, task {str(body.get('task_id'))[:8]}"
+        f"{settings.size}x{settings.size} PNG{with_loras}, seed {body.get('seed')}, task {str(body.get('task_id'))[:8]}"
     )
     return outcome
+
+
+@dataclass
+class Catalogue:
+    """What ``GET /loras`` said: the LoRAs, or why there are none to use (``missing``: the route is absent)."""
+
+    loras: list[dict[str, Any]]
+    missing: str = ""
+
+
+def fetch_catalogue(client: Client) -> Catalogue:
+    """GET /loras. A server without the route (404/405) has no catalogue; any other failure is a ToolError."""
+    status, body = request_json(client.session, "GET", client.url + "/loras", timeout=client.timeout, expect_ok=False)
+    if status in (404, 405):
+        return Catalogue([], missing=f"the server has no LoRA catalogue (GET /loras answered {status})")
+    if status != 200:
+        message = error_text(body) if isinstance(body, dict) else body
+        raise ToolError(f"GET /loras answered {status}: {message}")
+    loras = body.get("loras") if isinstance(body, dict) else None
+    if not isinstance(loras, list) or not all(isinstance(lora, dict) and "name" in lora for lora in loras):
+        raise ToolError("GET /loras answered without a list of LoRAs with names")
+    return Catalogue(loras)
+
+
+def pick_lora(loras: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The first LoRA that fits the base transformer (text2img's), or None and why there is none."""
+    if not loras:
+        return None, "the LoRA catalogue is empty (GET /loras lists none)"
+    for lora in loras:
+        fits = lora.get("fits")
+        if isinstance(fits, dict) and fits.get("transformer") is True:
+            return str(lora["name"]), ""
+    names = ", ".join(str(lora["name"]) for lora in loras)
+    return None, f"no LoRA of the catalogue fits the base transformer ({names})"
+
+
+def check_lora(
+    client: Client, catalogue: Catalogue, images: InputImages, settings: Settings, enabled: tuple[str, ...]
+) -> Outcome:
+    """text2img with the first LoRA that fits, at LORA_WEIGHT; skipped with the reason when there is none."""
+    if catalogue.missing:
+        return Outcome("lora", "SKIP", "text2img", detail=catalogue.missing)
+    name, why_not = pick_lora(catalogue.loras)
+    if name is None:
+        return Outcome("lora", "SKIP", "text2img", detail=why_not)
+    if "text2img" not in enabled:
+        return Outcome("lora", "SKIP", "text2img", detail="text2img is not served by this server")
+    return check_generation(
+        client, "text2img", images, settings, name="lora", loras=[{"name": name, "weight": LORA_WEIGHT}]
+    )
 
 
 @dataclass(frozen=True)
@@ -280,13 +390,16 @@ class ValidationCase:
     mode: str  # the mode requested ("" when the case does not depend on an enabled mode)
     images: tuple[str, ...]  # the image fields sent
     needle: str  # what the error message must contain
+    loras: tuple[str, ...] = ()  # LoRA names sent (weight 1); a case with LoRAs needs a server with GET /loras
 
 
 VALIDATION_CASES = (
     ValidationCase("img2img without input_image", "img2img", (), "input_image"),
     ValidationCase("fill without mask_image", "fill", ("input_image",), "mask_image"),
     ValidationCase("controlnet without control_image", "controlnet", (), "control_image"),
+    ValidationCase("redux without input_image", "redux", (), "input_image"),
     ValidationCase("unknown mode 'sketch'", "sketch", (), "mode"),
+    ValidationCase(f"unknown LoRA '{MISSING_LORA}'", "text2img", (), MISSING_LORA, loras=(MISSING_LORA,)),
 )
 
 
@@ -301,6 +414,8 @@ def check_validation_case(client: Client, case: ValidationCase, images: InputIma
         "height": settings.size,
         "num_inference_steps": settings.steps,
     }
+    if case.loras:
+        fields["loras"] = [{"name": name, "weight": 1.0} for name in case.loras]
     try:
         reply = client.generate(fields, {name: all_images[name] for name in case.images})
     except ToolError as exc:
@@ -338,7 +453,7 @@ def server_modes(client: Client) -> tuple[str, ...]:
 
 
 def plan_steps(tests: list[str]) -> list[tuple[str, Any]]:
-    """(test name, what to run) in order: generation modes, then each validation case."""
+    """(test name, what to run) in order: generation modes and lora, then each validation case."""
     steps: list[tuple[str, Any]] = []
     for test in tests:
         if test == "validation":
@@ -354,6 +469,8 @@ def run_tests(client: Client, tests: list[str], settings: Settings, save: Path |
         images.save(save)
     enabled = server_modes(client)
     steps = plan_steps(tests)
+    needs_catalogue = "lora" in tests or any(isinstance(what, ValidationCase) and what.loras for _, what in steps)
+    catalogue = fetch_catalogue(client) if needs_catalogue else Catalogue([])
     outcomes: list[Outcome] = []
     columns = (
         SpinnerColumn(),
@@ -365,20 +482,31 @@ def run_tests(client: Client, tests: list[str], settings: Settings, save: Path |
         task = progress.add_task("starting", total=len(steps))
         for name, what in steps:
             progress.update(task, description=name)
-            outcome = run_step(client, what, images, settings, enabled)
+            outcome = run_step(client, what, images, settings, enabled, catalogue)
             outcomes.append(outcome)
             if save is not None and outcome.output is not None:
-                (save / f"{outcome.mode}{'-form' if client.form else ''}.png").write_bytes(outcome.output)
+                (save / f"{outcome.name}{'-form' if client.form else ''}.png").write_bytes(outcome.output)
             progress.console.print(describe(outcome), highlight=False)
             progress.advance(task)
     return outcomes
 
 
-def run_step(client: Client, what: Any, images: InputImages, settings: Settings, enabled: tuple[str, ...]) -> Outcome:
+def run_step(
+    client: Client,
+    what: Any,
+    images: InputImages,
+    settings: Settings,
+    enabled: tuple[str, ...],
+    catalogue: Catalogue,
+) -> Outcome:
     if isinstance(what, ValidationCase):
         if what.mode in GENERATION_MODES and what.mode not in enabled:
             return Outcome(f"validation: {what.name}", "SKIP", what.mode, detail="mode not served by this server")
+        if what.loras and catalogue.missing:
+            return Outcome(f"validation: {what.name}", "SKIP", what.mode, detail=catalogue.missing)
         return check_validation_case(client, what, images, settings)
+    if what == "lora":
+        return check_lora(client, catalogue, images, settings, enabled)
     if what not in enabled:
         return Outcome(what, "SKIP", what, detail=f"mode not served by this server (it serves {', '.join(enabled)})")
     return check_generation(client, what, images, settings)
@@ -426,7 +554,8 @@ def summary_table(outcomes: list[Outcome], title: str) -> Table:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Smoke-test GenServe's text2img, img2img, fill and controlnet modes and its input validation.",
+        description="Smoke-test GenServe's text2img, img2img, fill, controlnet and redux modes, a request with a "
+        "LoRA, and its input validation.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -434,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tests",
         nargs="*",
         metavar="TEST",
-        help=f"which tests to run, any of: {', '.join(TESTS)} (default: all five)",
+        help=f"which tests to run, any of: {', '.join(TESTS)} (default: all {len(TESTS)}, in that order)",
     )
     add_connection_arguments(parser)
     parser.add_argument(
@@ -448,8 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         metavar="DIR",
         default=None,
-        help="write the generated inputs (input.png, mask.png, control.png) and each output (MODE.png, or "
-        "MODE-form.png with --form) to DIR, created if needed",
+        help="write the generated inputs (input.png, mask.png, control.png) and each output (TEST.png, e.g. "
+        "fill.png or lora.png, or TEST-form.png with --form) to DIR, created if needed",
     )
     parser.add_argument(
         "--size",
@@ -463,7 +592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps", type=positive_int, default=4, metavar="N", help="num_inference_steps (default %(default)s)"
     )
     parser.add_argument(
-        "--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help="prompt for every request (default: a lighthouse)"
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        metavar="TEXT",
+        help=f"prompt for every request but redux's, which sends {REDUX_PROMPT!r} (default: a lighthouse)",
     )
     parser.add_argument(
         "--seed", type=int, default=42, metavar="N", help="seed for every generation (default %(default)s)"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 
 from tests.server import REPO_ROOT, GenServeProcess
@@ -20,12 +21,14 @@ from tests.stubs import QuietHandler, serving
 
 IMG2IMG_TOOL = "tools/test_img2img.py"
 UPLOAD_TOOL = "tools/test_upload_methods.py"
-GENERATION_MODES = ("text2img", "img2img", "fill", "controlnet")
+GENERATION_MODES = ("text2img", "img2img", "fill", "controlnet", "redux")
 VALIDATION_ROWS = (
     "validation: img2img without input_image",
     "validation: fill without mask_image",
     "validation: controlnet without control_image",
+    "validation: redux without input_image",
     "validation: unknown mode 'sketch'",
+    "validation: unknown LoRA 'no-such-lora'",
 )
 QUICK = ["--size", "64", "--steps", "1"]
 CLOSED_PORT_URL = "http://127.0.0.1:1"
@@ -60,12 +63,15 @@ def explain(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 class LyingHandler(QuietHandler):
-    """A fake GenServe that is ready and serves img2img, but answers /generate with a 32x32 PNG whatever the asked
-    size (and 200 even where a 400 is due), and /generate/img2img with a 500."""
+    """A fake GenServe that is ready and serves img2img (no text2img, no redux) and has an empty LoRA catalogue, but
+    answers /generate with a 32x32 PNG whatever the asked size (and 200 even where a 400 is due), and
+    /generate/img2img with a 500."""
 
     def do_GET(self) -> None:
         if self.path == "/ready":
             self.reply(200, {"ready": True})
+        elif self.path == "/loras":
+            self.reply(200, {"loras": []})
         else:
             self.reply(200, {"model": {"modes": ["img2img"]}, "workers": [{"device": "cpu"}]})
 
@@ -88,6 +94,18 @@ def lying_server() -> Iterator[str]:
         yield url
 
 
+class NoLorasHandler(QuietHandler):
+    """A fake GenServe from before LoRAs: it serves text2img and has no GET /loras (404)."""
+
+    def do_GET(self) -> None:
+        if self.path == "/ready":
+            self.reply(200, {"ready": True})
+        elif self.path == "/loras":
+            self.reply(404, {"detail": "Not Found"})
+        else:
+            self.reply(200, {"model": {"modes": ["text2img"]}, "workers": [{"device": "cpu"}]})
+
+
 # --- tools/test_img2img.py ---------------------------------------------------------------------------------------
 
 
@@ -98,11 +116,15 @@ def test_img2img_tool_passes_every_mode_and_validation(server: GenServeProcess, 
     summary = results(proc.stdout)
     modes = {mode: summary.get(mode) for mode in GENERATION_MODES}
     assert modes == dict.fromkeys(GENERATION_MODES, "PASS"), explain(proc)
+    assert summary.get("lora") == "PASS", explain(proc)
     assert {row: summary.get(row) for row in VALIDATION_ROWS} == dict.fromkeys(VALIDATION_ROWS, "PASS"), explain(proc)
-    assert "8 passed, 0 failed" in proc.stdout
+    assert len(summary) == len(GENERATION_MODES) + 1 + len(VALIDATION_ROWS)  # every test ran, by default
+    assert "12 passed, 0 failed, 0 skipped" in proc.stdout
     assert ("form-data" in proc.stdout) == bool(transport)
     # The per-test lines name the device, the times and the mode.
     assert "PASS fill: mode=fill gpu=cpu server=" in proc.stdout
+    assert "PASS redux: mode=redux gpu=cpu server=" in proc.stdout
+    assert "PASS lora: mode=text2img gpu=cpu server=" in proc.stdout
 
 
 def test_img2img_tool_validation_only(server: GenServeProcess) -> None:
@@ -111,6 +133,30 @@ def test_img2img_tool_validation_only(server: GenServeProcess) -> None:
     summary = results(proc.stdout)
     assert summary == dict.fromkeys(VALIDATION_ROWS, "PASS"), explain(proc)
     assert "input_image" in proc.stdout and "mask_image" in proc.stdout and "control_image" in proc.stdout
+    assert "400: no LoRA named 'no-such-lora'" in proc.stdout  # the server's own message, shown in the table
+
+
+def test_img2img_tool_lora_uses_the_first_lora_that_fits(server: GenServeProcess) -> None:
+    """The embedded model's catalogue lists embedded-detail first; the tool sends it at 0.8 and checks the echo. The
+    worker really loaded it: the server counts the adapter load."""
+    loads_before = server.status()["loras"]["adapter_loads"]
+    proc = run_tool(IMG2IMG_TOOL, "lora", "--form", *QUICK, "--url", server.url)
+    assert proc.returncode == 0, explain(proc)
+    assert results(proc.stdout) == {"lora": "PASS"}, explain(proc)
+    assert "64x64 PNG with LoRA embedded-detail at 0.8" in proc.stdout
+    held = [key for worker in server.status()["workers"] for key in worker["loras"]["held"]]
+    assert any(key.startswith("base/embedded-detail@") for key in held), held
+    assert server.status()["loras"]["adapter_loads"] >= loads_before  # loaded now, or kept from an earlier test
+
+
+def test_img2img_tool_redux_sends_its_scales(server: GenServeProcess) -> None:
+    proc = run_tool(IMG2IMG_TOOL, "redux", *QUICK, "--url", server.url)
+    assert proc.returncode == 0, explain(proc)
+    assert results(proc.stdout) == {"redux": "PASS"}, explain(proc)
+    task = next(line for line in proc.stdout.splitlines() if line.startswith("│ redux")).split("task ")[1][:8]
+    job = requests.get(f"{server.url}/jobs?limit=50", timeout=30).json()
+    params = next(item for item in job["jobs"] if str(item["task_id"]).startswith(task))["params"]
+    assert (params["mode"], params["prompt_embeds_scale"], params["pooled_prompt_embeds_scale"]) == ("redux", 0.9, 0.9)
 
 
 def test_img2img_tool_runs_only_the_asked_mode(server: GenServeProcess) -> None:
@@ -150,6 +196,27 @@ def test_img2img_tool_fails_on_wrong_replies(lying_server: str) -> None:
     assert summary["validation: img2img without input_image"] == "FAIL"  # answered 200 instead of 400
     assert summary["validation: fill without mask_image"] == "SKIP"
     assert "failed" in proc.stdout
+
+
+def test_img2img_tool_skips_redux_and_lora_where_the_server_cannot(lying_server: str) -> None:
+    """The fake serves neither redux nor text2img and its LoRA catalogue is empty: each new test is a skip with the
+    reason, not a failure."""
+    proc = run_tool(IMG2IMG_TOOL, "redux", "lora", "validation", *QUICK, "--url", lying_server)
+    summary = results(proc.stdout)
+    assert summary["redux"] == "SKIP", explain(proc)
+    assert summary["lora"] == "SKIP"
+    assert "the LoRA catalogue is empty" in proc.stdout
+    assert summary["validation: redux without input_image"] == "SKIP"
+    assert summary["validation: unknown LoRA 'no-such-lora'"] == "SKIP"  # text2img is not served
+
+
+def test_img2img_tool_skips_loras_on_a_server_without_them() -> None:
+    with serving(NoLorasHandler) as url:
+        proc = run_tool(IMG2IMG_TOOL, "lora", "validation", *QUICK, "--url", url)
+    summary = results(proc.stdout)
+    assert summary["lora"] == "SKIP", explain(proc)
+    assert summary["validation: unknown LoRA 'no-such-lora'"] == "SKIP"
+    assert "the server has no LoRA catalogue (GET /loras answered 404)" in proc.stdout
 
 
 # --- tools/test_upload_methods.py --------------------------------------------------------------------------------
