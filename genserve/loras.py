@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from genserve.config import Config, expand_path
+from genserve.durable import fsync_dir
 from genserve.errors import BadRequest, GenServeError, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -461,7 +462,7 @@ class LoraCatalogue:
             os.replace(temp, target)
             stat = target.stat()
             self._cache[target] = ((stat.st_size, stat.st_mtime_ns), parsed_info, None)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         log.info("LoRA '%s' added (%d bytes, rank %d, %s format)", name, size, parsed_info.rank, parsed_info.format)
         return parsed_info
 
@@ -487,13 +488,3 @@ class LoraCatalogue:
         if name in files and files[name][1]:
             raise BadRequest(f"'{name}' is one of the embedded test model's LoRAs; it cannot be deleted", param="name")
         raise NotFound(f"no LoRA named '{name}' in {self.directory}", param="name")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)

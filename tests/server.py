@@ -120,6 +120,16 @@ class GenServeProcess:
         fields.setdefault("prompt", "a lighthouse at dusk")
         return requests.post(f"{self.url}/generate", json=fields, timeout=timeout)
 
+    def completed_job(self, task_id: str, timeout: float = 60) -> dict[str, Any]:
+        """GET /jobs/{id} once the job has completed (fails the test if it ends otherwise or takes too long)."""
+
+        def completed() -> dict[str, Any] | None:
+            view: dict[str, Any] = requests.get(f"{self.url}/jobs/{task_id}", timeout=30).json()
+            assert view["status"] not in ("failed", "canceled"), view
+            return view if view["status"] == "completed" else None
+
+        return wait_until(completed, timeout, 0.1, f"job {task_id} to complete")
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.status()["workers"] if w["pid"]]
 

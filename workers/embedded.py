@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genserve.durable import fsync_dir
+
 if TYPE_CHECKING:  # heavy imports stay lazy: the front end may import this module
     import torch
     from diffusers import (
@@ -189,7 +191,7 @@ def ensure_embedded_model(cache_dir: Path) -> EmbeddedModelPaths:
             _write_marker(tmp, elapsed)
             _make_world_readable(tmp)
             os.replace(tmp, target)
-            _fsync_dir(cache_dir)
+            fsync_dir(cache_dir)
             logger.info("embedded model built in %.1f s (%s)", elapsed, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -277,16 +279,6 @@ def _make_world_readable(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- building -------------------------------------------------------------------------------

@@ -33,13 +33,33 @@ def body_schema(
     """OpenAPI requestBody for routes that parse their body themselves (to keep that work off the event loop)."""
     content: dict[str, Any] = {}
     if json:
-        content["application/json"] = {"schema": model.model_json_schema()}
+        content["application/json"] = {"schema": _self_contained_schema(model)}
     if form:
-        schema = model.model_json_schema()
+        schema = _self_contained_schema(model)
         for field in files:
             schema["properties"][field] = {"type": "string", "format": "binary", "description": f"{field} file"}
         content["multipart/form-data"] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _self_contained_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with nested models written in place: pydantic refers to them as ``#/$defs/X``, which
+    means nothing inside an OpenAPI document (clients and fuzzers could not resolve it)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            if reference.startswith("#/$defs/"):
+                return inline(definitions[reference.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 def json_body_schema() -> dict[str, Any]:

@@ -88,12 +88,15 @@ FUZZED_OPERATIONS = [
     "POST /v1/images/variations",
     "POST /process",
     "POST /process/raw",
+    "GET /loras",
+    "POST /loras",
+    "GET /loras/{name}",
+    "DELETE /loras/{name}",
 ]
 
 TWO_TO_63 = 2**63  # one past the largest integer SQLite stores
-HAND_PARSED_BODIES = FUZZED_OPERATIONS[
-    -5:
-]  # /v1/images/* and /process*: bodies parsed by hand, schema via openapi_extra
+# /v1/images/* and /process*: bodies parsed by hand, schema via openapi_extra
+HAND_PARSED_BODIES = [operation for operation in FUZZED_OPERATIONS if operation.startswith(("POST /v1/", "POST /process"))]
 
 
 def run_fuzz_tool(*args: str, workdir: Path | None = None, timeout: float = 270) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerFactory
-from tests.server import GenServeProcess, b64, decode_png, mask_png, png_bytes, wait_until
+from tests.server import GenServeProcess, b64, decode_png, mask_png, png_bytes
 
 FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
 STYLE = {"name": "embedded-style", "weight": 1.0}
@@ -88,13 +88,7 @@ def test_form_jobs_openai_and_process_take_loras(served: GenServeProcess) -> Non
 
     job = requests.post(f"{served.url}/jobs", json={"prompt": "p", "loras": [DETAIL], **FAST}, timeout=30)
     assert job.status_code == 202, job.text
-    job_id = job.json()["task_id"]
-    view = wait_until(
-        lambda: (v := requests.get(f"{served.url}/jobs/{job_id}", timeout=30).json())["status"] == "completed" and v,
-        60,
-        0.1,
-        "the job to complete",
-    )
+    view = served.completed_job(job.json()["task_id"])
     assert view["params"]["loras"] == [DETAIL]
 
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)

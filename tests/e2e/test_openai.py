@@ -124,8 +124,10 @@ def test_create_variation(server: GenServeProcess) -> None:
     result = client(server).images.create_variation(image=upload((80, 80)), n=2, size="64x64", extra_body=FAST)
     assert len(result.data) == 2
     tasks = requests.get(f"{server.url}/jobs", params={"limit": 2}, timeout=10).json()["jobs"]
-    assert all(task["mode"] == "img2img" for task in tasks)
-    assert all(task["params"]["prompt"].startswith("a variation") for task in tasks)
+    # The embedded model serves redux, and openai.variation_mode is redux: variations come from the image's
+    # embedding (test_redux.py checks the img2img fallback).
+    assert all(task["mode"] == "redux" for task in tasks)
+    assert all(task["params"]["prompt"] == "" for task in tasks)
 
 
 def test_errors_are_openai_shaped_sdk_exceptions(server: GenServeProcess) -> None:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerFactory
-from tests.server import GenServeProcess, b64, decode_png, png_bytes, wait_until
+from tests.server import GenServeProcess, b64, decode_png, png_bytes
 
 FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
 BLUE = png_bytes((96, 96), (30, 90, 200))
@@ -77,27 +77,27 @@ def test_redux_through_form_data_and_the_jobs_api(server: GenServeProcess) -> No
     assert pixels(form.json()["image_base64"]) == pixels(redux(server)["image_base64"])
     job = requests.post(f"{server.url}/jobs", json={"mode": "redux", "input_image": b64(BLUE), **FAST}, timeout=30)
     assert job.status_code == 202, job.text
-    task = job.json()["task_id"]
-    view = wait_until(
-        lambda: (v := requests.get(f"{server.url}/jobs/{task}", timeout=30).json())["status"] == "completed" and v,
-        60,
-        0.1,
-        "the redux job",
-    )
+    view = server.completed_job(job.json()["task_id"])
     assert view["params"]["mode"] == "redux" and view["params"]["prompt_embeds_scale"] == 1.0
 
 
-def test_variations_use_redux_when_it_is_served(server: GenServeProcess) -> None:
+def openai_variation(server: GenServeProcess) -> str:
+    """A 64x64, 2-step variation of BLUE with seed 5 through the openai SDK: its base64 PNG."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    variation = client.images.create_variation(
+    answer = client.images.create_variation(
         image=("blue.png", BLUE, "image/png"),
         size="64x64",
         response_format="b64_json",
         extra_body={"seed": 5, "num_inference_steps": 2},
     )
-    assert variation.data and variation.data[0].b64_json
+    assert answer.data and answer.data[0].b64_json
+    return answer.data[0].b64_json
+
+
+def test_variations_use_redux_when_it_is_served(server: GenServeProcess) -> None:
+    variation = openai_variation(server)
     same = redux(server)  # the same seed, size and steps through the native route
-    assert pixels(variation.data[0].b64_json) == pixels(same["image_base64"])
+    assert pixels(variation) == pixels(same["image_base64"])
     processed = requests.post(
         f"{server.url}/process",
         data={"seed": "5", **{key: str(value) for key, value in FAST.items()}},
@@ -111,14 +111,7 @@ def test_variations_use_redux_when_it_is_served(server: GenServeProcess) -> None
 
 def test_variations_fall_back_to_img2img_when_asked(start_server: ServerFactory) -> None:
     server = start_server({"openai": {"variation_mode": "img2img"}})
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    variation = client.images.create_variation(
-        image=("blue.png", BLUE, "image/png"),
-        size="64x64",
-        response_format="b64_json",
-        extra_body={"seed": 5, "num_inference_steps": 2},
-    )
-    assert variation.data and variation.data[0].b64_json
+    variation = openai_variation(server)
     img2img = requests.post(
         f"{server.url}/generate",
         json={
@@ -131,5 +124,5 @@ def test_variations_fall_back_to_img2img_when_asked(start_server: ServerFactory)
         },
         timeout=120,
     ).json()
-    assert pixels(variation.data[0].b64_json) == pixels(img2img["image_base64"])
-    assert base64.b64decode(variation.data[0].b64_json)
+    assert pixels(variation) == pixels(img2img["image_base64"])
+    assert base64.b64decode(variation)

@@ -14,6 +14,7 @@ import torch
 from genserve.config import Config
 from genserve.memory_plan import component_folders, cpu_device_info, plan_memory, shapes_from_folders
 from genserve.messages import MemoryPlan
+from tests.tensors import allocated_bytes, transformer_inputs
 from workers.loading import LoadedModels, ModelPaths, load_models
 from workers.speed import Speed
 
@@ -57,34 +58,6 @@ def attentions(model: Any) -> list[Any]:
     from diffusers.models.attention import AttentionModuleMixin
 
     return [module for module in model.modules() if isinstance(module, AttentionModuleMixin)]
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor holds; a quantised tensor subclass holds its inner tensors (data, scales, zero points)."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
-def allocated_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(tensor_bytes(t) for t in tensors.values())
-
-
-def transformer_inputs(transformer: Any) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    config = transformer.config
-    tokens, text = 64, 16
-    return {
-        "hidden_states": torch.randn(1, tokens, config.in_channels, generator=generator),
-        "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([3.5]),
-        "img_ids": torch.zeros(tokens, 3),
-        "txt_ids": torch.zeros(text, 3),
-    }
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

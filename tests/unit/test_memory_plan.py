@@ -31,6 +31,7 @@ from genserve.memory_plan import (
     startup_problems,
 )
 from genserve.messages import ALL_MODES, MemoryPlan, MemorySettings
+from tests.tensors import allocated_bytes
 
 # --- the public configs, as published in each model's config.json ------------------------------------------------
 
@@ -434,19 +435,6 @@ def test_fp8_on_a_gpu_without_it_is_refused_by_the_plan(flux_shapes: dict[str, C
 
 
 # --- the embedded model: estimates against the bytes actually allocated ------------------------------------------
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor holds; a quantised tensor subclass holds its inner tensors (data, scales, zero points)."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
-def allocated_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(tensor_bytes(t) for t in tensors.values())
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from genserve.config import Config
 from genserve.messages import MemoryPlan
 from genserve.startup_checks import attention_problems
+from tests.tensors import transformer_inputs
 from workers.speed import Speed, SpeedSetupError, choose_attention, fuse_qkv
 
 
@@ -33,21 +34,6 @@ def storage_bytes(module: torch.nn.Module) -> int:
     """Bytes of distinct storage behind a module's parameters (views of one tensor count once)."""
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
     return sum(storages.values())
-
-
-def transformer_inputs(transformer: Any) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    config = transformer.config
-    tokens, text = 64, 16
-    return {
-        "hidden_states": torch.randn(1, tokens, config.in_channels, generator=generator),
-        "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([3.5]),
-        "img_ids": torch.zeros(tokens, 3),
-        "txt_ids": torch.zeros(text, 3),
-    }
 
 
 def test_fused_qkv_gives_the_same_output_and_costs_no_memory(embedded: Any) -> None:
