@@ -96,7 +96,7 @@ FUZZED_OPERATIONS = [
 
 TWO_TO_63 = 2**63  # one past the largest integer SQLite stores
 # /v1/images/* and /process*: bodies parsed by hand, schema via openapi_extra
-HAND_PARSED_BODIES = [operation for operation in FUZZED_OPERATIONS if operation.startswith(("POST /v1/", "POST /process"))]
+HAND_PARSED_BODIES = [op for op in FUZZED_OPERATIONS if op.startswith(("POST /v1/", "POST /process"))]
 
 
 def run_fuzz_tool(*args: str, workdir: Path | None = None, timeout: float = 270) -> subprocess.CompletedProcess[str]:
