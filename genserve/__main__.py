@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from genserve import __version__
-from genserve.config import ConfigError, load_config, resolve_config_path
+from genserve.config import Config, ConfigError, load_config, resolve_config_path
 
 if TYPE_CHECKING:
     from genserve.service import Service
@@ -60,6 +60,27 @@ class GenServeServer(uvicorn.Server):
             self.service.drain()
         finally:
             self.should_exit = True
+
+
+def build_server(config: Config, worker_target: WorkerTarget | None = None) -> GenServeServer:
+    """The app and the HTTP server that serves it, not started yet (raises ConfigError). ``server.run()`` serves
+    until a stop; the tests also run it on a thread of their own process (tests/server.py)."""
+    from genserve.app import create_app
+    from genserve.edge import http_protocol
+
+    app = create_app(config, worker_target=worker_target)
+    return GenServeServer(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            http=http_protocol(config.server),
+            log_level=config.server.log_level,
+            timeout_graceful_shutdown=RESPONSE_FLUSH_S,
+            access_log=config.server.log_level == "debug",
+        ),
+        app.state.service,
+    )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,28 +124,13 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
 
         forkserver.start_early()  # its imports now run alongside ours below
 
-    from genserve.app import create_app
-    from genserve.edge import http_protocol
-
     try:
-        app = create_app(config, worker_target=worker_target)
+        server = build_server(config, worker_target)
     except ConfigError as exc:  # e.g. an unreadable auth.keys_file
         print(f"genserve: {exc}", file=sys.stderr)
         return 2
-    server = GenServeServer(
-        uvicorn.Config(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            http=http_protocol(config.server),
-            log_level=config.server.log_level,
-            timeout_graceful_shutdown=RESPONSE_FLUSH_S,
-            access_log=config.server.log_level == "debug",
-        ),
-        app.state.service,
-    )
     server.run()
-    service: Service = app.state.service
+    service = server.service
     if service.stop.exit_code:
         print(f"genserve: exiting with status {service.stop.exit_code}: {service.stop.reason}", file=sys.stderr)
     return service.stop.exit_code

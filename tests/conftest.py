@@ -76,8 +76,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path)
         wait_ready: bool = True,
         module: str = "genserve",
         env: dict[str, str] | None = None,
+        in_process: bool = False,
     ) -> GenServeProcess:
-        server = GenServeProcess(tmp_path_factory.mktemp("server"), embedded_cache, overrides, module, env)
+        folder = tmp_path_factory.mktemp("server")
+        server = GenServeProcess(folder, embedded_cache, overrides, module, env, in_process=in_process)
         started.append(server)
         return server.start(wait_ready=wait_ready)
 
@@ -94,8 +96,12 @@ SMALL_JOB = {"width": 64, "height": 64, "num_inference_steps": 2}
 def server(request: pytest.FixtureRequest, start_server: ServerFactory) -> GenServeProcess:
     """A one-worker server with the embedded model, shared by the tests of a module. A module that sets
     ``SERVER_MODULE = FAULT_SERVER`` gets fault-injection workers (gated prompts hold the worker; prompts without
-    a marker run the real pipeline)."""
-    return start_server(module=getattr(request.module, "SERVER_MODULE", "genserve"))
+    a marker run the real pipeline). It runs in this process (tests/server.py) unless the module sets
+    ``SERVER_IN_PROCESS = False`` (its tests need the server's own process)."""
+    return start_server(
+        module=getattr(request.module, "SERVER_MODULE", "genserve"),
+        in_process=getattr(request.module, "SERVER_IN_PROCESS", True),
+    )
 
 
 @pytest.fixture

@@ -1,18 +1,25 @@
-"""A real GenServe server for the end-to-end tests: ``python -m genserve`` as a subprocess on a free port.
+"""A real GenServe server for the end-to-end tests, on a free port: ``python -m genserve`` as a subprocess, or the
+same server (genserve.__main__.build_server: the app, uvicorn and the worker processes) on a thread of the test
+process.
 
 Tests talk plain HTTP to it (requests) and inspect its worker processes by pid (psutil), exactly as a user would.
+The subprocess is for tests of the process itself (signals, exit status, its log, the API process dying). The
+in-process server serves everything else: its workers fork from the test process's forkserver, which imports
+torch and diffusers once for the whole run instead of once per server (about 12 s of CPU per start on 2 cores).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -53,9 +60,14 @@ class GenServeProcess:
         overrides: dict[str, Any] | None = None,
         module: str = "genserve",
         env: dict[str, str] | None = None,
+        in_process: bool = False,
     ) -> None:
         self.module = module  # tests.fault_server for workers that take fault-injection markers
         self.extra_env = env or {}
+        self.in_process = in_process  # serve on a thread of this process (see the module docstring)
+        self._thread: threading.Thread | None = None
+        self._server: Any = None  # genserve.__main__.GenServeServer while in-process
+        self._log_handler: logging.Handler | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -78,6 +90,16 @@ class GenServeProcess:
     def start(self, wait_ready: bool = True, timeout: float = 180) -> GenServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
         env.update(self.extra_env)
+        if self.in_process:
+            self._start_thread(env)
+        else:
+            self._start_process(env)
+        wait_until(self._answers, timeout, 0.1, "the server to answer /health")
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def _start_process(self, env: dict[str, str]) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config_path)],
@@ -87,15 +109,37 @@ class GenServeProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a test can signal the server and its workers at once
             )
-        wait_until(self._answers, timeout, 0.1, "the server to answer /health")
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
+
+    def _start_thread(self, env: dict[str, str]) -> None:
+        from genserve import forkserver
+        from genserve.__main__ import build_server
+        from genserve.config import load_config
+
+        worker_target = None
+        if self.module == "tests.fault_server":
+            from tests.fault_worker import run_faulty_worker
+
+            worker_target = run_faulty_worker
+        config = load_config(self.config_path, env)
+        self._log_handler = logging.FileHandler(self.log_path)
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        genserve_log = logging.getLogger("genserve")
+        genserve_log.addHandler(self._log_handler)
+        genserve_log.setLevel(config.server.log_level.upper())
+        forkserver.start_early()  # a no-op once this process's forkserver runs
+        self._server = build_server(config, worker_target)
+        self._thread = threading.Thread(target=self._server.run, name=f"genserve-{self.port}", daemon=True)
+        self._thread.start()
 
     def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+        if self.in_process:
+            assert self._thread is not None
+            if not self._thread.is_alive():
+                raise AssertionError(f"in-process server stopped:\n{self.log_tail()}")
+        else:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
         try:
             return requests.get(f"{self.url}/health", timeout=1).status_code == 200
         except requests.ConnectionError:
@@ -134,6 +178,8 @@ class GenServeProcess:
         return [w["pid"] for w in self.status()["workers"] if w["pid"]]
 
     def stop(self, timeout: float = 60) -> int | None:
+        if self.in_process:
+            return self._stop_thread(timeout)
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         children = psutil.Process(self.process.pid).children(recursive=True)
@@ -150,9 +196,24 @@ class GenServeProcess:
                 pass
         return self.process.returncode
 
+    def _stop_thread(self, timeout: float) -> int | None:
+        """As SIGTERM does: drain, then stop (the workers are shut down by the service's lifespan)."""
+        if self._server is None or self._thread is None:
+            return None
+        self._server.service.stop.request("test over")
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # a drain that hangs: stop at once, as a second signal would
+            self._server.should_exit = self._server.force_exit = True
+            self._thread.join(timeout)
+        if self._log_handler is not None:
+            logging.getLogger("genserve").removeHandler(self._log_handler)
+            self._log_handler.close()
+        code: int = self._server.service.stop.exit_code
+        return code
+
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the server's whole process group, as a terminal's Ctrl-C or a container stop can."""
-        assert self.process is not None
+        assert self.process is not None, "an in-process server has no process group to signal"
         os.killpg(self.process.pid, sig)
 
     def log_tail(self, lines: int = 60) -> str:

@@ -170,7 +170,7 @@ def test_a_queued_job_leaves_the_queue_at_its_deadline(server: GenServeProcess, 
 
 
 def test_request_timeout_is_capped_by_config(start_server: ServerFactory) -> None:
-    capped = start_server({"queue": {"task_timeout_s": 2}})
+    capped = start_server({"queue": {"task_timeout_s": 2}}, in_process=True)
     response = requests.post(f"{capped.url}/generate", json={**SMALL, "timeout": 3600}, timeout=60)
     assert response.status_code == 200
     assert job(capped, response.json()["task_id"])["params"]["timeout_s"] == 2

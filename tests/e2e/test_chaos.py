@@ -49,7 +49,7 @@ def summary(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pool(start_server: ServerFactory) -> GenServeProcess:
-    return start_server({"workers": {"cpu_workers": 2, "cpu_threads": 1, "restart_backoff_s": 0.2}})
+    return start_server({"workers": {"cpu_workers": 2, "cpu_threads": 1, "restart_backoff_s": 0.2}}, in_process=True)
 
 
 def test_kill_loop_loses_no_job_and_the_pool_recovers(pool: GenServeProcess) -> None:

@@ -138,7 +138,7 @@ def test_a_worker_killed_while_encoding_reruns_the_job(server: GenServeProcess, 
 def test_without_overlap_the_worker_encodes_before_it_takes_the_next_job(
     start_server: ServerFactory, gates: Gates, gate: str
 ) -> None:
-    server = start_server({"performance": {"overlap_encoding": False}}, module=FAULT_SERVER)
+    server = start_server({"performance": {"overlap_encoding": False}}, module=FAULT_SERVER, in_process=True)
     held = submit(server, gates.encode_marker(gate))
     wait_until(lambda: (view(server, held)["progress"] or {}).get("step") == 2, WAIT_S, 0.05, "its last step")
     after = submit(server, "after it")

@@ -31,6 +31,7 @@ def faulty(start_server: ServerFactory) -> GenServeProcess:
             }
         },
         module="tests.fault_server",
+        in_process=True,
     )
 
 
@@ -118,6 +119,7 @@ def test_a_worker_stopped_mid_dispatch_holds_up_nothing_and_is_found_hung(start_
     server = start_server(
         {"workers": {"cpu_workers": 2, "cpu_threads": 1, "heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 8}},
         module="tests.fault_server",
+        in_process=True,
     )
     stopped = server.wait_full_strength()["workers"][0]
     os.kill(stopped["pid"], signal.SIGSTOP)  # frozen whole: it reads nothing from its pipe any more

@@ -631,7 +631,7 @@ SURROGATE_CASES = [
 
 @pytest.fixture(scope="module")
 def surrogate_server(start_server: ServerFactory) -> GenServeProcess:
-    return start_server(LIMITS)
+    return start_server(LIMITS, in_process=True)
 
 
 @pytest.mark.parametrize("case", [case.param() for case in SURROGATE_CASES])

@@ -20,6 +20,7 @@ from tests.conftest import ServerFactory
 from tests.server import GenServeProcess
 
 pytestmark = pytest.mark.e2e
+SERVER_IN_PROCESS = False  # tests read the API process itself (its pid, its resources)
 
 HEADER_TIMEOUT_S = 1.0
 MAX_HEAD_BYTES = 64 * 1024  # server.max_header_kb's default

@@ -366,7 +366,7 @@ def test_jobs_and_images_survive_a_restart_and_unfinished_ones_are_marked(
     os.kill(first.process.pid, signal.SIGKILL)  # no goodbye: the records say queued / running
     first.process.wait(timeout=10)
 
-    second = start_server(results)
+    second = start_server(results, in_process=True)
     assert job(second, done)["status"] == "completed"
     assert requests.get(f"{second.url}/image/{done}", timeout=10).content == png
     for task_id in (running, queued):
@@ -377,7 +377,9 @@ def test_jobs_and_images_survive_a_restart_and_unfinished_ones_are_marked(
 
 def test_retention_deletes_old_results(start_server: ServerFactory, tmp_path: Path) -> None:
     results_dir = tmp_path / "results"
-    server = start_server({"results": {"dir": str(results_dir), "max_age_hours": 3 / 3600, "cleanup_interval_s": 0.5}})
+    server = start_server(
+        {"results": {"dir": str(results_dir), "max_age_hours": 3 / 3600, "cleanup_interval_s": 0.5}}, in_process=True
+    )
     task_id = submit(server, **SMALL)["task_id"]
     wait_status(server, task_id, "completed")
     image_files = list(results_dir.glob(f"images/*/{task_id}.png"))

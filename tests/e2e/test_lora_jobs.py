@@ -30,7 +30,7 @@ def loras_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(start_server: ServerFactory, loras_dir: Path) -> GenServeProcess:
     """One worker, fused q/k/v on (the default), so LoRA jobs also test running the attentions unfused."""
-    return start_server({"loras": {"dir": str(loras_dir), "max_per_request": 2}})
+    return start_server({"loras": {"dir": str(loras_dir), "max_per_request": 2}}, in_process=True)
 
 
 def make(server: GenServeProcess, **fields: Any) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def test_workers_report_the_adapters_they_hold(served: GenServeProcess) -> None:
 
 
 def test_loras_can_be_turned_off(start_server: ServerFactory) -> None:
-    server = start_server({"loras": {"enabled": False}})
+    server = start_server({"loras": {"enabled": False}}, in_process=True)
     response = server.generate(prompt="p", loras=[STYLE], **FAST)
     assert response.status_code == 400
     assert "LoRAs are turned off on this server (loras.enabled: false)" in response.json()["error"]
@@ -174,7 +174,8 @@ def test_loras_can_be_turned_off(start_server: ServerFactory) -> None:
 def test_jobs_go_to_the_worker_that_holds_their_adapters(start_server: ServerFactory) -> None:
     """Two workers, one adapter slot each, jobs one at a time alternating between two LoRAs: after the first
     two loads every job lands where its adapter is warm, so nothing is loaded or unloaded again."""
-    server = start_server({"workers": {"cpu_workers": 2}, "loras": {"max_loaded": 1}})
+    server = start_server({"workers": {"cpu_workers": 2}, "loras": {"max_loaded": 1}}, in_process=True)
+    server.wait_full_strength()  # both workers idle: affinity chooses among idle workers only
     landed: dict[str, set[int]] = {"embedded-style": set(), "embedded-detail": set()}
     for round_ in range(3):
         for lora in (STYLE, DETAIL):

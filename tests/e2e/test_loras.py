@@ -24,6 +24,7 @@ def served(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
     return start_server(
         {"loras": {"dir": str(loras), "max_upload_mb": MAX_UPLOAD_MB}, "server": {"max_request_mb": MAX_REQUEST_MB}},
         env={"GENSERVE_API_KEYS": f"ops:{ADMIN}:admin;user:{USER}:generate,read;reader:{READER}:read"},
+        in_process=True,
     )
 
 

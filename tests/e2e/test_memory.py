@@ -24,7 +24,7 @@ def pixels(response: requests.Response) -> np.ndarray:
 def test_int8_serves_every_mode_and_its_images_are_close_to_unquantised_ones(
     server: GenServeProcess, start_server: ServerFactory
 ) -> None:
-    int8 = start_server(INT8)
+    int8 = start_server(INT8, in_process=True)
     plan = int8.status()["workers"][0]["memory_plan"]
     assert plan["fits"] and plan["setting"] == "transformers quantised (int8)"
     assert plan["quantize"] == {"transformer": "int8", "fill": "int8", "controlnet": "int8", "text_encoder_2": "none"}

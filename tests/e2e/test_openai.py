@@ -206,7 +206,9 @@ def image_server() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def trusting_server(start_server: ServerFactory) -> GenServeProcess:
-    return start_server({"inputs": {"allow_private_urls": True}, "openai": {"process_response": "url"}})
+    return start_server(
+        {"inputs": {"allow_private_urls": True}, "openai": {"process_response": "url"}}, in_process=True
+    )
 
 
 def test_url_inputs_are_fetched_when_private_urls_are_allowed(

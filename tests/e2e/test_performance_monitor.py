@@ -24,6 +24,8 @@ from PIL import Image
 
 from tests.server import REPO_ROOT, GenServeProcess, free_port, wait_until
 
+SERVER_IN_PROCESS = False  # tests read the API process itself (its pid, its resources)
+
 TOOL = REPO_ROOT / "tools" / "performance_monitor.py"
 SUMMARY_LINE = re.compile(r"^\d\d:\d\d:\d\d  cpu ", re.MULTILINE)
 SAMPLE_KEYS = {"timestamp", "time", "url", "cpu_percent", "memory", "gpus", "gpu_note", "service", "processes"}

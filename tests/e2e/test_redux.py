@@ -110,7 +110,7 @@ def test_variations_use_redux_when_it_is_served(server: GenServeProcess) -> None
 
 
 def test_variations_fall_back_to_img2img_when_asked(start_server: ServerFactory) -> None:
-    server = start_server({"openai": {"variation_mode": "img2img"}})
+    server = start_server({"openai": {"variation_mode": "img2img"}}, in_process=True)
     variation = openai_variation(server)
     img2img = requests.post(
         f"{server.url}/generate",

@@ -81,7 +81,7 @@ def test_queued_jobs_run_lowest_priority_value_first_fifo_within(
 def test_full_queue_is_429_with_retry_after_and_accepted_work_still_completes(
     start_server: ServerFactory, gates: Gates, gate: str
 ) -> None:
-    server = start_server({"queue": {"max_size": 2}}, module="tests.fault_server")
+    server = start_server({"queue": {"max_size": 2}}, module="tests.fault_server", in_process=True)
     results: dict[Any, requests.Response] = {}
     threads = [run_in_background(server, results, "blocker", prompt=gates.marker(gate), **SMALL)]
     wait_for_busy_worker(server)
@@ -102,6 +102,7 @@ def test_full_queue_is_429_with_retry_after_and_accepted_work_still_completes(
 
 
 def test_task_timeout_is_408_and_the_worker_is_freed(start_server: ServerFactory) -> None:
+    # A subprocess: the test reads the worker's own log line (an in-process server's workers log to the test's stderr)
     server = start_server({"queue": {"task_timeout_s": 1.5}}, module="tests.fault_server")
     # A [slow] job reports a step every SLOW_STEP_S (tests/fault_worker.py): 100 steps take minutes on any
     # machine, and it is still stepping when its deadline passes.
