@@ -4,6 +4,7 @@ writes (benchmarks that compare settings, the GPU check). Stopped with SIGTERM, 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -13,13 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import requests
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +133,28 @@ class LocalServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def add_embedded_cache_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--embedded-cache: where the embedded model is, so the benchmarks build it once between them."""
+    parser.add_argument(
+        "--embedded-cache",
+        type=Path,
+        default=Path("~/.cache/genserve/embedded").expanduser(),
+        help=f"where the embedded model is (built there on first use){note}",
+    )
+
+
+def run_bench(name: str, measure: Callable[[], T], report: Callable[[T], None]) -> int:
+    """A benchmark's exit status: 0 once ``report`` printed what ``measure`` found, 1 (and why) when a server of
+    its own would not start or answer."""
+    try:
+        results = measure()
+    except (ServerError, requests.RequestException) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    report(results)
+    return 0
 
 
 @contextmanager

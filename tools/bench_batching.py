@@ -25,12 +25,11 @@ import contextlib
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import requests
 
-from _server import LocalServer, ServerError, local_server
+from _server import LocalServer, ServerError, add_embedded_cache_argument, local_server, run_bench
 
 VARIANTS = ("sequential", "batched")  # max_batch 1, max_batch --images
 
@@ -43,12 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--rounds", type=int, default=1, help="turns per server")
     parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads of the worker; 0: all cores")
-    parser.add_argument(
-        "--embedded-cache",
-        type=Path,
-        default=Path("~/.cache/genserve/embedded").expanduser(),
-        help="where the embedded model is (built there on first use)",
-    )
+    add_embedded_cache_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -138,13 +132,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        results = run(args)
-    except (ServerError, requests.RequestException) as exc:
-        print(f"bench_batching: {exc}", file=sys.stderr)
-        return 1
-    report(results, args)
-    return 0
+    return run_bench("bench_batching", lambda: run(args), lambda results: report(results, args))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Any
 
 import requests
 
-from _server import LocalServer, ServerError, local_server
+from _server import LocalServer, ServerError, add_embedded_cache_argument, local_server
 
 CASES = ("base", "first", "warm", "switch", "none")
 AFTER = {
@@ -67,12 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="rounds of the five cases on the one-worker server")
     parser.add_argument("--stream", type=int, default=12, help="jobs of the alternating stream on the two workers")
     parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads of each worker; 0: all cores")
-    parser.add_argument(
-        "--embedded-cache",
-        type=Path,
-        default=Path("~/.cache/genserve/embedded").expanduser(),
-        help="where the embedded model is (built there on first use); its LoRA files are copied for part 1",
-    )
+    add_embedded_cache_argument(parser, "; its LoRA files are copied for part 1")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.stream < 2:
         parser.error("--reps must be at least 1 and --stream at least 2")

@@ -27,14 +27,13 @@ import io
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import requests
 from PIL import Image
 
-from _server import ServerError, local_server
+from _server import ServerError, add_embedded_cache_argument, local_server
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"memory": {"strategy": "pinned"}},
@@ -48,12 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=3, help="text2img jobs per server (phase 1)")
     parser.add_argument("--size", type=int, default=512, help="image width and height (phase 1)")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (phase 1)")
-    parser.add_argument(
-        "--embedded-cache",
-        type=Path,
-        default=Path("~/.cache/genserve/embedded").expanduser(),
-        help="where the embedded model is (built there on first use)",
-    )
+    add_embedded_cache_argument(parser)
     parser.add_argument("--skip-block", action="store_true", help="skip phase 2")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens through the block (phase 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per variant (phase 2)")
