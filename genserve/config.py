@@ -367,6 +367,11 @@ class ResultsConfig(_Section):
     max_age_hours: float = Field(168.0, gt=0, description="Jobs and images older than this are deleted.")
     max_total_gb: float = Field(20.0, gt=0, description="Oldest images are deleted while the store is larger.")
     cleanup_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
+    embed_parameters: bool = Field(
+        True,
+        description="Write the generation parameters into each image: a PNG 'parameters' text chunk (the convention "
+        "A1111 and many viewers read), kept as EXIF UserComment when /image re-encodes to JPEG or WEBP.",
+    )
 
 
 Scope = Literal["generate", "read", "admin"]

@@ -234,6 +234,7 @@ class JobRequest:
     controlnet_conditioning_scale: float  # weight of the ControlNet residuals
     output_path: str  # where the worker writes the PNG (atomically); the API process never holds image bytes
     loras: tuple[LoraUse, ...] = ()  # adapters to apply, in order; none: the base model (LoRAs off)
+    parameters: str = ""  # written into the PNG's "parameters" text chunk; "" writes none (results.embed_parameters)
     prompt_embeds_scale: float = 1.0  # redux: scales the embeddings (image tokens and the prompt's, if any)
     pooled_prompt_embeds_scale: float = 1.0  # redux: scales the pooled embedding
 

@@ -249,6 +249,8 @@ def prepare_job(
         params["controlnet_type"] = (req.controlnet_type or defaults.controlnet_type).strip().lower()
     num_images = 1 if req.num_images is None else req.num_images
     _check_range("num_images", num_images, 1, limits.max_images)
+    if config.results.embed_parameters:
+        request = replace(request, parameters=parameters_text(params, model_id))
     return PreparedJob(
         request=request,
         images=raw,
@@ -260,12 +262,33 @@ def prepare_job(
     )
 
 
+def parameters_text(params: dict[str, Any], model_id: str) -> str:
+    """The image's generation parameters as A1111 writes them (and viewers read): the prompt, then a settings line."""
+    settings = [
+        f"Steps: {params['num_inference_steps']}",
+        f"CFG scale: {params['cfg']:g}",
+        f"Seed: {params['seed']}",
+        f"Size: {params['width']}x{params['height']}",
+        f"Model: {model_id}",
+        f"Mode: {params['mode']}",
+    ]
+    if "strength" in params:
+        settings.append(f"Denoising strength: {params['strength']:g}")
+    if "controlnet_type" in params:
+        settings.append(f"ControlNet: {params['controlnet_type']}")
+    if params.get("loras"):
+        settings.append("LoRAs: " + " ".join(f"{lora['name']}:{lora['weight']:g}" for lora in params["loras"]))
+    return f"{params['prompt']}\n" + ", ".join(settings)
+
+
 def sibling(prepared: PreparedJob, index: int) -> PreparedJob:
     """The index-th image of a request for several: the same job (images shared, not copied) with another id and
     the seed ``index`` further on."""
     seed = (prepared.request.seed + index) % (MAX_SEED + 1)
-    request = replace(prepared.request, job_id=uuid.uuid4().hex, seed=seed)
-    return replace(prepared, request=request, params={**prepared.params, "seed": seed})
+    params = {**prepared.params, "seed": seed}
+    parameters = parameters_text(params, prepared.model_id) if prepared.request.parameters else ""
+    request = replace(prepared.request, job_id=uuid.uuid4().hex, seed=seed, parameters=parameters)
+    return replace(prepared, request=request, params=params)
 
 
 def with_siblings(prepared: PreparedJob, count: int) -> list[PreparedJob]:

@@ -57,7 +57,7 @@ class Denoised:
 def encode(done: Denoised) -> JobResult:
     """Encode the PNG, write it atomically to the job's output_path; the JobResult to send. Raises on failure."""
     began = time.perf_counter()
-    png = encode_png(done.image)
+    png = encode_png(done.image, parameters=done.job.parameters)
     write_atomically(Path(done.job.output_path), png)
     return JobResult(
         job_id=done.job.job_id,
