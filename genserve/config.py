@@ -86,6 +86,11 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(12411, ge=1, le=65535, description="TCP port of the HTTP server.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins a browser front end may call the API from (CORS), e.g. https://studio.example; "
+        "empty: none (same-origin only); ['*']: any.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     shutdown_grace_s: float = Field(
         30.0,

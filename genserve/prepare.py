@@ -238,7 +238,7 @@ def prepare_job(
         "priority": priority,
         "images": sorted(decoded),
     }
-    if "input_image" in raw and mode != "redux":  # redux takes the image's embedding, not a strength
+    if "input_image" in raw and mode in ("img2img", "controlnet"):  # fill repaints, redux embeds: no strength
         params["strength"] = request.strength
     if mode == "redux":
         params["prompt_embeds_scale"] = req.prompt_embeds_scale

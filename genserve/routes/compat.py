@@ -46,8 +46,9 @@ def _absolute(request: Request, path: str) -> str:
 # --- seed 000 ------------------------------------------------------------------------------------------------------
 
 
-@router.get(
+@router.api_route(
     "/image/{task_id}",
+    methods=["GET", "HEAD"],
     summary="The job's image: PNG, or re-encoded as JPEG/WEBP on request",
     response_class=Response,
     responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
@@ -55,7 +56,7 @@ def _absolute(request: Request, path: str) -> str:
 async def get_image(
     request: Request,
     task_id: str,
-    format: Literal["png", "jpeg", "webp"] = Query("png", description="png (as stored), jpeg or webp"),
+    format: Literal["png", "jpeg", "jpg", "webp"] = Query("png", description="png (as stored), jpeg (or jpg), webp"),
     quality: int = Query(90, ge=1, le=100, description="JPEG/WEBP quality"),
 ) -> Response:
     service = get_service(request)
@@ -68,6 +69,8 @@ async def get_image(
         raise NotFound(f"the image of job {task_id} was deleted by retention")
     if format == "png":
         return FileResponse(path, media_type="image/png", background=BackgroundTask(service.store.release, task_id))
+    if format == "jpg":
+        format = "jpeg"
     try:
         data = await run_in_threadpool(reencode, str(path), format, quality)
     finally:

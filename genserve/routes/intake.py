@@ -183,13 +183,24 @@ async def parse_form_request(request: Request, max_upload: int) -> tuple[Generat
     return req, images
 
 
-async def prepare_json(request: Request, service: Service) -> PreparedJob:
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def prepare_json(request: Request, service: Service, form_route: str = "/generate/img2img") -> PreparedJob:
+    if _media_type(request) in FORM_TYPES:
+        raise BadRequest(f"{request.url.path} takes a JSON body; send form-data (file uploads) to {form_route}")
     body = await read_body(request, service.config.server.max_request_bytes)
     req, images = await run_in_threadpool(parse_json_request, body)
     return await _prepare(service, req, images)
 
 
-async def prepare_form(request: Request, service: Service) -> PreparedJob:
+async def prepare_form(request: Request, service: Service, json_route: str = "/generate") -> PreparedJob:
+    if _media_type(request) == "application/json":
+        raise BadRequest(f"{request.url.path} takes form-data (file uploads); send JSON to {json_route}")
     refuse_declared_oversize(request, service.config.server.max_request_bytes)
     req, images = await parse_form_request(request, service.config.limits.max_upload_bytes)
     return await _prepare(service, req, images)

@@ -61,7 +61,7 @@ def _one_image(prepared: PreparedJob) -> PreparedJob:
 )
 async def submit_json(request: Request) -> JSONResponse:
     service = get_service(request)
-    prepared = _one_image(await intake.prepare_json(request, service))
+    prepared = _one_image(await intake.prepare_json(request, service, form_route="/jobs/form"))
     return await _accepted(service, await intake.submit(request, service, prepared))
 
 
@@ -73,7 +73,7 @@ async def submit_json(request: Request) -> JSONResponse:
 )
 async def submit_form(request: Request) -> JSONResponse:
     service = get_service(request)
-    prepared = _one_image(await intake.prepare_form(request, service))
+    prepared = _one_image(await intake.prepare_form(request, service, json_route="/jobs"))
     return await _accepted(service, await intake.submit(request, service, prepared))
 
 

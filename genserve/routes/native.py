@@ -180,6 +180,18 @@ async def models(request: Request) -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/", summary="What this server is, and where its API docs are")
+async def root(request: Request) -> dict[str, Any]:
+    return {
+        "service": "GenServe",
+        "version": __version__,
+        "model_id": get_service(request).config.model.id,
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "status": "/status",
+    }
+
+
 @router.get("/health", summary="Liveness: the API process answers")
 async def health() -> dict[str, str]:
     return {"status": "ok"}

@@ -63,6 +63,7 @@ class ImagesRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Edit strength (img2img).")
     image: str | None = Field(None, description="generations: an http(s) URL, data: URI or base64 → img2img.")
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="Seconds the request may take.")
+    stream: bool | None = Field(None, description="Streaming partial images is not supported: only false or omitted.")
     loras: list[LoraRequest] | None = Field(
         None,
         description='GenServe extension (the SDK\'s extra_body): LoRAs, [{"name": "style", "weight": 0.8}]; a JSON '
@@ -80,9 +81,12 @@ class ImagesRequest(BaseModel):
 
 def _validate(fields: dict[str, Any]) -> ImagesRequest:
     try:
-        return ImagesRequest.model_validate(fields)
+        body = ImagesRequest.model_validate(fields)
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from None
+    if body.stream:  # an empty event stream would leave the client waiting for images that never come
+        raise BadRequest("streaming (stream: true) is not supported; omit stream or set it to false", param="stream")
+    return body
 
 
 def check_model(model: str | None, config: Config) -> None:

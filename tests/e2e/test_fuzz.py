@@ -66,6 +66,7 @@ MIN_FUZZ_CASES = 800  # 50 per operation with inputs, 1 per operation without (t
 FUZZED_OPERATIONS = [
     "POST /generate",
     "POST /generate/img2img",
+    "GET /",
     "GET /status",
     "GET /models",
     "GET /health",
@@ -78,6 +79,7 @@ FUZZED_OPERATIONS = [
     "POST /jobs/{job_id}/cancel",
     "GET /jobs/{job_id}/events",
     "GET /image/{task_id}",
+    "HEAD /image/{task_id}",
     "GET /queue",
     "GET /api/task_status/{task_id}",
     "GET /api/history",
