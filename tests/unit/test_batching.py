@@ -45,7 +45,8 @@ def test_a_request_for_three_images_on_one_idle_worker_runs_as_one_batch(pool: P
     assert batch_sizes(jobs) == [3, 3, 3]
     assert [red_of(job) for job in jobs] == [10, 11, 12]  # each image from its own seed, in order
     assert len({job.result.started_at for job in jobs if job.result}) == 1  # one pipeline call
-    assert worker(supervisor)["jobs_done"] == 3
+    # The snapshot is published at the end of the monitor's turn, a moment after the jobs ended.
+    wait_until(lambda: worker(supervisor)["jobs_done"] == 3, WAIT_S, 0.01, "three jobs counted done")
 
 
 @pytest.mark.parametrize(
