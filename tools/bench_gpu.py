@@ -176,6 +176,8 @@ def server_config(profile: Profile, variant: Variant, folders: ModelFolders, out
             "compile_cache_dir": str(cache_dir(out)),
         },
         "results": {"dir": str(out / "runs" / variant.key / "server" / "results")},
+        # No LoRAs here: with them on, an fp8 transformer stays unfused (LoRAs need its separate q/k/v projections).
+        "loras": {"enabled": False},
         "limits": {"max_size": size},
         "defaults": {"width": size, "height": size},
     }
