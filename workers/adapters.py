@@ -68,7 +68,7 @@ class Adapters:
         owner = self._owners[target]
         if owner is None or (not loras and not self._held):
             return  # nothing was ever loaded: the model is as it came
-        changed = self._load_missing(target, loras)
+        changed = self._load_missing(mode, loras)
         if loras:
             names = [self._held[adapter_key(mode, lora)].adapter_name for lora in loras]
             owner.enable_lora()
@@ -80,8 +80,9 @@ class Adapters:
         if changed:
             self._report_held()
 
-    def _load_missing(self, target: str, loras: Sequence[LoraUse]) -> bool:
-        mode: Mode = "fill" if target == "fill" else "text2img"
+    def _load_missing(self, mode: Mode, loras: Sequence[LoraUse]) -> bool:
+        """Load the job's adapters this worker does not hold yet; True when it loaded (or unloaded) any."""
+        target = adapter_target(mode)
         wanted = [adapter_key(mode, lora) for lora in loras]
         for key in wanted:
             if key in self._held:
