@@ -7,7 +7,10 @@ taken says nothing about which key or how much of it matched. Keys are never log
 
 Once any key is configured, every route except /health and /ready needs one, sent as ``Authorization: Bearer``
 or ``X-API-Key``: 401 without or with an unknown key, 403 without the route's scope. Scopes: ``read`` for GET,
-``generate`` for everything that starts or stops work, ``admin`` for all.
+``generate`` for everything that starts or stops work, ``metrics`` for GET /metrics, ``admin`` for all.
+
+A job belongs to the key that submitted it. Without ``admin`` a key sees, lists, streams, downloads and cancels
+only its own jobs; another key's job answers 404 as an unknown id would (``Caller.sees``).
 
 ``python -m genserve.auth`` reads a key on stdin and prints the line to put in a keys file.
 """
@@ -27,7 +30,8 @@ from genserve.config import Config, ConfigError, expand_path
 from genserve.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
-ALL_SCOPES = frozenset({"generate", "read", "admin"})
+ALL_SCOPES = frozenset({"generate", "read", "metrics", "admin"})
+METRICS_PATH = "/metrics"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,31 @@ class ApiKey:
 
     def allows(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as far as jobs are concerned (``request.state.caller``)."""
+
+    name: str | None  # the key's name; None when keys are off
+    admin: bool  # sees every key's jobs (keys off: everyone does)
+
+    def sees(self, owner: str | None) -> bool:
+        """May this caller see (and cancel) a job submitted by ``owner``?"""
+        return self.admin or owner == self.name
+
+    @property
+    def only_owner(self) -> str | None:
+        """The owner a listing is restricted to; None: every job."""
+        return None if self.admin else self.name
+
+
+ANYONE = Caller(name=None, admin=True)  # keys off: one tenant, who sees everything
+
+
+def caller_of(request: Request) -> Caller:
+    caller: Caller = getattr(request.state, "caller", ANYONE)
+    return caller
 
 
 def digest(key: str) -> bytes:
@@ -105,6 +134,8 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for the open routes."""
     if path in OPEN_PATHS:
         return None
+    if path == METRICS_PATH:
+        return "metrics"
     return "read" if method in ("GET", "HEAD", "OPTIONS") else "generate"
 
 
@@ -118,8 +149,10 @@ def presented_key(request: Request) -> str | None:
 
 
 async def authorize(request: Request) -> None:
-    """FastAPI dependency on every route: sets request.state.api_key (a key name, or None when keys are off)."""
+    """FastAPI dependency on every route: sets request.state.api_key (a key name, or None when keys are off) and
+    request.state.caller."""
     request.state.api_key = None
+    request.state.caller = ANYONE
     keyring: KeyRing = request.app.state.keyring
     scope = required_scope(request.method, request.url.path)
     if not keyring.enabled or scope is None:
@@ -133,6 +166,7 @@ async def authorize(request: Request) -> None:
     if not key.allows(scope):
         raise Forbidden(f"API key '{key.name}' lacks the '{scope}' scope this route needs", code="insufficient_scope")
     request.state.api_key = key.name
+    request.state.caller = Caller(name=key.name, admin="admin" in key.scopes)
 
 
 def main() -> int:

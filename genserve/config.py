@@ -68,6 +68,7 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_PUBLIC_BASE_URL": ("openai", "public_base_url"),
     "GENSERVE_MAX_QUEUE_SIZE": ("queue", "max_size"),
     "GENSERVE_API_KEYS_FILE": ("auth", "keys_file"),
+    "GENSERVE_WEBHOOK_SECRET": ("webhooks", "secret"),
 }
 # GENSERVE_API_KEYS="name:key:scope,scope;name2:key2:scope" adds keys (parsed below, never logged).
 ENV_API_KEYS = "GENSERVE_API_KEYS"
@@ -92,6 +93,20 @@ class ServerConfig(_Section):
         "empty: none (same-origin only); ['*']: any.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (for a log collector)."
+    )
+    access_log: bool = Field(
+        True,
+        description="One log line per request: method, path, status, duration, request id and key name (never the key).",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics on this port of server.host too (no key needed there; firewall it); "
+        "0: only on the main port, behind the 'metrics' scope once keys exist.",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,
@@ -379,7 +394,7 @@ class ResultsConfig(_Section):
     )
 
 
-Scope = Literal["generate", "read", "admin"]
+Scope = Literal["generate", "read", "metrics", "admin"]
 
 
 def _default_scopes() -> list[Scope]:
@@ -390,7 +405,9 @@ class ApiKeyConfig(_Section):
     name: str = Field(min_length=1, description="Who holds the key (logged and shown; the key itself never is).")
     key: str = Field(min_length=16, description="The secret, at least 16 characters.")
     scopes: list[Scope] = Field(
-        default_factory=_default_scopes, min_length=1, description="generate, read, admin (= all)."
+        default_factory=_default_scopes,
+        min_length=1,
+        description="generate, read, metrics (GET /metrics), admin (= all, and every key's jobs).",
     )
 
 
@@ -402,6 +419,24 @@ class AuthConfig(_Section):
         "", description="YAML file of hashed keys: {keys: [{name, sha256, scopes}]} (python -m genserve.auth hashes)."
     )
     max_jobs_per_key: int = Field(0, ge=0, description="Jobs one key may have queued or running at once; 0: no cap.")
+    public_docs: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json without a key even when keys exist."
+    )
+
+
+class WebhooksConfig(_Section):
+    secret: str = Field(
+        "",
+        description="Signing secret of webhook deliveries (Standard Webhooks: 'whsec_' + base64, or any string of "
+        "16+ characters); empty: requests that ask for a webhook are refused.",
+    )
+    max_attempts: int = Field(5, ge=1, le=20, description="Deliveries tried per event before giving up.")
+    backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry; doubles on each further retry.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between two attempts.")
+    timeout_s: float = Field(10.0, gt=0, description="One delivery attempt, connection and answer included.")
+    progress_interval_s: float = Field(
+        1.0, ge=0, description="Least time between two 'progress' deliveries of one job (steps come faster)."
+    )
 
 
 class InputsConfig(_Section):
@@ -540,6 +575,7 @@ class Config(_Section):
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     loras: LorasConfig = Field(default_factory=LorasConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Config:

@@ -258,6 +258,8 @@ def record_of(job: Job) -> JobRecord:
         seed=request.seed,
         width=request.width,
         height=request.height,
+        owner=job.owner,
+        request_id=job.request_id,
     )
     if job.done:
         record = JobRecord(**{**asdict(record), **_terminal_columns(job)})

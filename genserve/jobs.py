@@ -107,6 +107,7 @@ class Job:
     params: dict[str, Any] = field(default_factory=dict)  # the effective request, without image bytes
     submitted_at: float = field(default_factory=time.time)
     owner: str | None = None  # API key name that submitted it (None when keys are off)
+    request_id: str | None = None  # X-Request-ID of the request that submitted it (logs, the record)
     state: JobState = JobState.QUEUED
     worker_slot: int | None = None  # the worker that runs (or ran) it
     device: str | None = None

@@ -52,11 +52,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     image_bytes INTEGER,
     error_type TEXT,
     error_message TEXT,
-    cancel_reason TEXT
+    cancel_reason TEXT,
+    owner TEXT,
+    request_id TEXT,
+    webhook TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_at DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, submitted_at DESC);
 """
+# Columns added after the first release: a store written by an older GenServe gains them when it opens (NULL in
+# old rows: jobs from before keys were owned are visible to admin keys only once keys exist).
+ADDED_COLUMNS = {"owner": "TEXT", "request_id": "TEXT", "webhook": "TEXT"}
+OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, submitted_at DESC)"
+JSON_COLUMNS = frozenset({"params", "webhook"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class JobRecord:
     error_type: str | None = None
     error_message: str | None = None
     cancel_reason: str | None = None
+    owner: str | None = None  # name of the API key that submitted it (None when keys are off)
+    request_id: str | None = None  # X-Request-ID of the submitting request
+    webhook: dict[str, Any] | None = None  # url, events, and each delivery's outcome (genserve.webhooks)
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
@@ -122,6 +133,7 @@ class ResultStore:
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         conn.executescript(SCHEMA)
+        _add_missing_columns(conn)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -188,7 +200,7 @@ class ResultStore:
     # --- records -------------------------------------------------------------------------------------------------
 
     def insert(self, record: JobRecord) -> None:
-        values = [json.dumps(record.params) if name == "params" else getattr(record, name) for name in _COLUMNS]
+        values = [_column_value(name, getattr(record, name)) for name in _COLUMNS]
         placeholders = ", ".join("?" for _ in _COLUMNS)
         self._conn().execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
 
@@ -203,7 +215,8 @@ class ResultStore:
                 if unknown:
                     raise ValueError(f"unknown job columns {sorted(unknown)}")
                 assignments = ", ".join(f"{name} = ?" for name in changes)
-                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+                values = [_column_value(name, value) for name, value in changes.items()]
+                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values, job_id])
 
     def delete(self, job_id: str) -> None:
         self._conn().execute("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -329,7 +342,24 @@ class ResultStore:
 STALE_TEMPORARY_S = 3600.0  # a worker killed mid-write leaves ".<id>.png.<pid>.tmp" behind
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in present:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    conn.execute(OWNER_INDEX)
+
+
+def _column_value(name: str, value: Any) -> Any:
+    """A field as SQLite stores it: the JSON columns as text."""
+    if name in JSON_COLUMNS and value is not None:
+        return json.dumps(value)
+    return value
+
+
 def _record(row: sqlite3.Row) -> JobRecord:
     values = {name: row[name] for name in _COLUMNS}
-    values["params"] = json.loads(values["params"])
+    for name in JSON_COLUMNS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
     return JobRecord(**values)
