@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from genserve import __version__
+from genserve import __version__, logs
 from genserve.config import Config, ConfigError, load_config, resolve_config_path
 
 if TYPE_CHECKING:
@@ -77,7 +77,10 @@ def build_server(config: Config, worker_target: WorkerTarget | None = None) -> G
             http=http_protocol(config.server),
             log_level=config.server.log_level,
             timeout_graceful_shutdown=RESPONSE_FLUSH_S,
-            access_log=config.server.log_level == "debug",
+            # genserve.request_log writes the access log (with request ids and key names); uvicorn's lines go to
+            # the root handler that genserve.logs set up, in the same format.
+            access_log=False,
+            log_config=None,
         ),
         app.state.service,
     )
@@ -113,11 +116,7 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
     except ConfigError as exc:
         print(f"genserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.server.log_level, config.server.log_format, "genserve-api")
     log.info("genserve %s; config: %s", __version__, path or "built-in defaults")
     if config.workers.start_method == "forkserver":
         from genserve import forkserver

@@ -179,6 +179,7 @@ class WorkerSpec:
     heartbeat_interval_s: float  # how often to send Heartbeat
     max_consecutive_oom: int  # out-of-memory failures in a row after which the worker exits to restart clean
     log_level: str  # logging level name for the worker's own log lines
+    log_format: str = "text"  # text | json (server.log_format), as the API process's lines
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ class JobRequest:
     parameters: str = ""  # written into the PNG's "parameters" text chunk; "" writes none (results.embed_parameters)
     prompt_embeds_scale: float = 1.0  # redux: scales the embeddings (image tokens and the prompt's, if any)
     pooled_prompt_embeds_scale: float = 1.0  # redux: scales the pooled embedding
+    request_id: str = ""  # X-Request-ID of the submitting request: the worker's log lines for this job carry it
 
 
 @dataclass(frozen=True)

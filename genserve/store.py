@@ -225,9 +225,18 @@ class ResultStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobRecord], int]:
-        """Newest first; also the total count matching ``status``."""
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+    def list(
+        self, status: str | None = None, limit: int = 50, offset: int = 0, owner: str | None = None
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first; also the total count matching ``status``. With ``owner``, only the jobs that key owns."""
+        conditions, args = [], []
+        if status:
+            conditions.append("status = ?")
+            args.append(status)
+        if owner is not None:
+            conditions.append("owner = ?")
+            args.append(owner)
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
         conn = self._conn()
         total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         rows = conn.execute(

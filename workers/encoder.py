@@ -31,6 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from genserve import logs
 from genserve.images import encode_png
 from genserve.messages import FailureKind, JobFailure, JobRequest, JobResult
 from workers.main import MAX_TEXT
@@ -83,6 +84,7 @@ def finish(done: Denoised, report: Report) -> FailureKind | None:
         message = f"the image could not be encoded or written: {str(exc) or type(exc).__name__}"[:MAX_TEXT]
         report(JobFailure(job_id=done.job.job_id, kind=kind, error_type=type(exc).__name__, message=message))
         return kind
+    log.info("image written (%d bytes; encoded in %.2f s)", result.image_bytes, result.encode_s)
     report(result)
     return None
 
@@ -128,7 +130,8 @@ class Encoder:
                 self._busy = True
                 self._changed.notify_all()  # room for the next image
             try:
-                finish(done, self._report)
+                with logs.job_context([(done.job.job_id, done.job.request_id)]):
+                    finish(done, self._report)
             except Exception:  # finish() reports encode errors itself; never let the thread die with work queued
                 log.exception("encoder: reporting job %s failed", done.job.job_id)
             finally:

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, assert_never
 
+from genserve import logs
 from genserve.messages import (
     EXIT_AFTER_OOM,
     EXIT_DEVICE_FATAL,
@@ -128,12 +129,7 @@ def _exit_because_parent_died() -> None:
 
 
 def _configure_logging(spec: WorkerSpec) -> None:
-    logging.basicConfig(
-        level=spec.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s genserve-worker-{spec.slot} %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    logs.configure(spec.log_level, "json" if spec.log_format == "json" else "text", f"genserve-worker-{spec.slot}")
     for noisy in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if spec.log_level != "debug" else logging.INFO)
 
@@ -328,10 +324,26 @@ def _run_jobs(
 ) -> FailureKind | None:
     """Run one job, or a batch of them as one pipeline call, and report each; returns None when the call completed
     (its images reported, or handed to the encoder, which reports them), else what kind of failure it was."""
+    with logs.job_context((job.job_id, job.request_id) for job in jobs):
+        return _run_tagged(jobs, pipelines, outbox, board, encoder)
+
+
+def _run_tagged(
+    jobs: list[JobRequest], pipelines: PipelineSet, outbox: _Outbox, board: _CancelBoard, encoder: Encoder | None
+) -> FailureKind | None:
     batch = _Batch(jobs, outbox, board)
     board.begin(job.job_id for job in jobs)
     for job in jobs:
         outbox.send(JobStarted(job_id=job.job_id, started_at=batch.started_at))
+    first = jobs[0]
+    log.info(
+        "running %s %dx%d, %d steps%s",
+        first.mode,
+        first.width,
+        first.height,
+        first.num_inference_steps,
+        f", a batch of {len(jobs)}" if len(jobs) > 1 else "",
+    )
     try:
         batch.drop_canceled("before it started")
         outputs = pipelines.run(jobs, batch.on_step)

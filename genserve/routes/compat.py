@@ -17,12 +17,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from genserve.auth import caller_of
 from genserve.errors import NotFound
 from genserve.images import reencode
 from genserve.job_manager import record_of, record_view
 from genserve.jobs import Job, JobState
 from genserve.routes.jobs import MAX_OFFSET
-from genserve.service import Service, get_service
+from genserve.service import get_service
 from genserve.store import JobRecord
 
 router = APIRouter(tags=["compatibility"])
@@ -30,8 +31,9 @@ router = APIRouter(tags=["compatibility"])
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-async def _find(service: Service, job_id: str) -> Job | JobRecord:
-    found: Job | JobRecord = await run_in_threadpool(service.jobs.find, job_id)
+async def _find(request: Request, job_id: str) -> Job | JobRecord:
+    """The job, if the caller may see it (its own, or any for an admin key); else NotFound."""
+    found: Job | JobRecord = await run_in_threadpool(get_service(request).jobs.find, job_id, caller_of(request))
     return found
 
 
@@ -60,7 +62,7 @@ async def get_image(
     quality: int = Query(90, ge=1, le=100, description="JPEG/WEBP quality"),
 ) -> Response:
     service = get_service(request)
-    record = _as_record(await _find(service, task_id))
+    record = _as_record(await _find(request, task_id))
     if record.status != JobState.COMPLETED.value:
         raise NotFound(f"job {task_id} has no image (status: {record.status})")
     path = service.store.acquire(task_id)  # retention must not delete it while it is being sent
@@ -81,8 +83,14 @@ async def get_image(
 @router.get("/queue", summary="Running and pending jobs (seed 000)")
 async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
     service = get_service(request)
-    running = [job for job in service.jobs.live_jobs() if job.state is JobState.RUNNING]
-    pending = await run_in_threadpool(service.supervisor.queued_jobs)
+    caller = caller_of(request)
+    running = [job for job in service.jobs.live_jobs() if job.state is JobState.RUNNING and caller.sees(job.owner)]
+    # Positions count every job ahead, whoever owns it; a tenant is shown only its own jobs.
+    pending = [
+        (position, job)
+        for position, job in enumerate(await run_in_threadpool(service.supervisor.queued_jobs))
+        if caller.sees(job.owner)
+    ]
     return {
         "queue_running": [
             {
@@ -104,7 +112,7 @@ async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
                 "queue_position": position,
                 "submitted_at": job.submitted_at,
             }
-            for position, job in enumerate(pending)
+            for position, job in pending
         ],
     }
 
@@ -141,7 +149,7 @@ def _history_entry(request: Request, record: JobRecord) -> dict[str, Any]:
 async def task_status(request: Request, task_id: str) -> JSONResponse:
     service = get_service(request)
     try:
-        found = await _find(service, task_id)
+        found = await _find(request, task_id)
     except NotFound:
         return JSONResponse({"status": "not_found", "message": f"task {task_id} not found"}, status_code=404)
     if isinstance(found, Job) and found.state is JobState.QUEUED:
@@ -177,19 +185,21 @@ async def history(
     request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)
 ) -> dict[str, Any]:
     service = get_service(request)
-    records, _ = await run_in_threadpool(service.store.list, None, limit, offset)
+    records, _ = await run_in_threadpool(
+        service.store.list, None, limit, offset, caller_of(request).only_owner
+    )
     return {record.id: _history_entry(request, record) for record in records}
 
 
 @router.get("/api/history/{task_id}", summary="One task's history entry (seed 003)")
 async def history_one(request: Request, task_id: str) -> dict[str, Any]:
-    record = _as_record(await _find(get_service(request), task_id))
+    record = _as_record(await _find(request, task_id))
     return {record.id: _history_entry(request, record)}
 
 
 @router.get("/api/image/{task_id}", summary="The task's images as URLs (seed 003)")
 async def image_info(request: Request, task_id: str) -> dict[str, Any]:
-    record = _as_record(await _find(get_service(request), task_id))
+    record = _as_record(await _find(request, task_id))
     if record.status != JobState.COMPLETED.value:
         raise NotFound(f"task {task_id} has no image (status: {record.status})")
     return {"status": "success", "images": _images(request, record)}

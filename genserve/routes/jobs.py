@@ -14,9 +14,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from genserve.errors import BadRequest, NotFound
+from genserve.auth import caller_of
+from genserve.errors import BadRequest
 from genserve.job_manager import record_view
 from genserve.jobs import Job, JobEvent, JobState, wait_for_job
+from genserve.messages import CancelReason
 from genserve.prepare import PreparedJob
 from genserve.routes import intake
 from genserve.service import Service, get_service
@@ -87,20 +89,20 @@ async def list_jobs(
     if status is not None and status not in {state.value for state in JobState}:
         raise BadRequest(f"status must be one of {', '.join(state.value for state in JobState)}, got {status!r}")
     service = get_service(request)
-    listing: dict[str, Any] = await run_in_threadpool(service.jobs.list, status, limit, offset)
+    listing: dict[str, Any] = await run_in_threadpool(service.jobs.list, status, limit, offset, caller_of(request))
     return listing
 
 
 @router.get("/jobs/{job_id}", summary="One job: state, queue position or progress, result or error")
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     service = get_service(request)
-    view: dict[str, Any] = await run_in_threadpool(service.jobs.view, job_id)
+    view: dict[str, Any] = await run_in_threadpool(service.jobs.view, job_id, caller_of(request))
     return view
 
 
 async def _cancel(request: Request, job_id: str) -> JSONResponse:
     service = get_service(request)
-    job = await run_in_threadpool(service.jobs.cancel, job_id)
+    job = await run_in_threadpool(service.jobs.cancel, job_id, CancelReason.CLIENT, caller_of(request))
     try:
         await asyncio.wait_for(wait_for_job(job), timeout=CANCEL_WAIT_S)
     except TimeoutError:
@@ -130,14 +132,11 @@ def _sse(event: JobEvent) -> str:
 )
 async def job_events(request: Request, job_id: str) -> StreamingResponse:
     service = get_service(request)
-    job = service.jobs.live(job_id)
-    if job is not None:
-        stream = _live_events(job)
+    found = await run_in_threadpool(service.jobs.find, job_id, caller_of(request))
+    if isinstance(found, Job):
+        stream = _live_events(found)
     else:
-        record = await run_in_threadpool(service.store.get, job_id)
-        if record is None:
-            raise NotFound(f"no job with id {job_id!r}")
-        final = JobEvent(job_id=job_id, seq=0, kind=record.status, data=record_view(record), at=0.0)
+        final = JobEvent(job_id=job_id, seq=0, kind=found.status, data=record_view(found), at=0.0)
         stream = _one_event(final)
     return StreamingResponse(
         stream,

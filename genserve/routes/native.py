@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from genserve import __version__
+from genserve.auth import Caller, caller_of
 from genserve.errors import GenServeError
 from genserve.jobs import Job
 from genserve.prepare import PreparedJob, with_siblings
@@ -138,6 +139,9 @@ async def generate_form(request: Request) -> Response:
 async def status(request: Request) -> dict[str, Any]:
     service = get_service(request)
     snapshot = service.supervisor.status()
+    caller = caller_of(request)
+    if not caller.admin:
+        _hide_other_keys_jobs(snapshot, service, caller)
     snapshot["version"] = __version__
     snapshot["model"] = {
         "model_id": service.config.model.id,
@@ -145,6 +149,20 @@ async def status(request: Request) -> dict[str, Any]:
         "modes": list(service.modes),
     }
     return snapshot
+
+
+def _hide_other_keys_jobs(snapshot: dict[str, Any], service: Service, caller: Caller) -> None:
+    """A tenant sees its own job ids on the workers, not other keys' (their ids would let it read them)."""
+
+    def visible(job_id: str | None) -> bool:
+        job = service.jobs.live(job_id) if job_id else None
+        return job is not None and caller.sees(job.owner)
+
+    for worker in snapshot["workers"]:
+        worker["current_jobs"] = [job_id for job_id in worker["current_jobs"] if visible(job_id)]
+        worker["encoding_jobs"] = [job_id for job_id in worker["encoding_jobs"] if visible(job_id)]
+        if not visible(worker["current_job"]):
+            worker["current_job"] = None
 
 
 @router.get("/models", summary="The served model")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from genserve.store import JobRecord, ResultStore
+from genserve.store import SCHEMA, JobRecord, ResultStore
 
 
 def record(job_id: str, submitted_at: float, status: str = "completed", image_bytes: int | None = 100) -> JobRecord:
@@ -65,6 +68,42 @@ def test_records_survive_reopening_and_unfinished_jobs_are_marked_failed(tmp_pat
         assert marked is not None and marked.status == "failed"
         assert (marked.error_type, marked.error_message) == ("service_restarted", "service restarted")
         assert marked.finished_at is not None
+
+
+def test_owner_and_request_id_survive_reopening_and_lists_filter_by_owner(tmp_path: Path) -> None:
+    first = ResultStore(tmp_path / "results")
+    for index, owner in enumerate(["alice", "bob", "alice", None]):
+        first.insert(replace(record(f"job{index}", 100.0 + index), owner=owner, request_id=f"req-{index}"))
+    first.close()
+    reopened = ResultStore(tmp_path / "results")
+    got = reopened.get("job2")
+    assert got is not None and (got.owner, got.request_id) == ("alice", "req-2")
+    alice, total = reopened.list(owner="alice")
+    assert [job.id for job in alice] == ["job2", "job0"] and total == 2
+    assert reopened.list(status="completed", owner="bob")[1] == 1
+    assert reopened.list()[1] == 4  # no owner given: every job (admin keys, or keys off)
+
+
+def test_a_store_from_before_ownership_gains_the_new_columns(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    old = sqlite3.connect(folder / "jobs.sqlite3")
+    old_schema = re.sub(r",\s*owner TEXT,\s*request_id TEXT,\s*webhook TEXT", "", SCHEMA)
+    assert "owner" not in old_schema
+    old.executescript(old_schema)
+    old.execute(
+        "INSERT INTO jobs (id, status, mode, model_id, priority, params, submitted_at) "
+        "VALUES ('old', 'completed', 'text2img', 'flux1-dev', 0, '{}', 1.0)"
+    )
+    old.commit()
+    old.close()
+    store = ResultStore(folder)
+    kept = store.get("old")
+    assert kept is not None and kept.owner is None and kept.webhook is None
+    store.insert(replace(record("new", 2.0), owner="alice", webhook={"url": "http://example.test/hook"}))
+    new = store.get("new")
+    assert new is not None and new.owner == "alice" and new.webhook == {"url": "http://example.test/hook"}
+    assert [job.id for job in store.list(owner="alice")[0]] == ["new"]
 
 
 def test_cleanup_by_age_keeps_recent_and_unfinished_jobs(store: ResultStore) -> None:
