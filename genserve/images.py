@@ -194,12 +194,32 @@ def openai_mask_to_png(data: bytes, field: str, *, max_bytes: int, max_pixels: i
     black-and-white, white = edit, as GenServe's own masks are.
     """
     image = decode_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels).image
-    if "A" in image.getbands() or "transparency" in image.info:
-        alpha = image.convert("RGBA").getchannel("A")
-        lowest, _ = alpha.getextrema()  # one band: (min, max)
-        if isinstance(lowest, (int, float)) and lowest < 255:
-            return encode_png(alpha.point(lambda value: 255 if value == 0 else 0).convert("L"))
+    transparent = _transparent_area(image)
+    if transparent is not None:
+        return encode_png(transparent)
     return encode_png(_to_8bit(image).convert("L"))
+
+
+def transparency_mask(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> bytes | None:
+    """The mask an OpenAI edit without one uses: the image's fully transparent pixels (white = repaint), as PNG;
+    None when no pixel is fully transparent (the edit is then an img2img of the whole picture)."""
+    image = decode_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels).image
+    transparent = _transparent_area(image)
+    if transparent is None or transparent.getextrema()[1] == 0:
+        return None
+    return encode_png(transparent)
+
+
+def _transparent_area(image: Image.Image) -> Image.Image | None:
+    """White where the image is fully transparent, black elsewhere; None for an image with no transparency at all
+    (no alpha, or every pixel opaque)."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    lowest, _ = alpha.getextrema()  # one band: (min, max)
+    if not isinstance(lowest, (int, float)) or lowest == 255:
+        return None
+    return alpha.point(lambda value: 255 if value == 0 else 0).convert("L")
 
 
 def image_size(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> tuple[int, int]:

@@ -48,12 +48,22 @@ def _absolute(request: Request, path: str) -> str:
 # --- seed 000 ------------------------------------------------------------------------------------------------------
 
 
-@router.api_route(
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {media: {} for media in MEDIA_TYPES.values()}}}
+
+
+@router.get(
     "/image/{task_id}",
-    methods=["GET", "HEAD"],
     summary="The job's image: PNG, or re-encoded as JPEG/WEBP on request",
     response_class=Response,
-    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+    responses=_IMAGE_RESPONSES,
+    operation_id="get_image",
+)
+@router.head(
+    "/image/{task_id}",
+    summary="The job's image headers (type, length) without the image",
+    response_class=Response,
+    responses=_IMAGE_RESPONSES,
+    operation_id="head_image",
 )
 async def get_image(
     request: Request,
@@ -80,7 +90,7 @@ async def get_image(
     return Response(data, media_type=MEDIA_TYPES[format])
 
 
-@router.get("/queue", summary="Running and pending jobs (seed 000)")
+@router.get("/queue", summary="Running and pending jobs (the FLUX.1 DEV API's /queue shape)")
 async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
     service = get_service(request)
     caller = caller_of(request)
@@ -145,7 +155,7 @@ def _history_entry(request: Request, record: JobRecord) -> dict[str, Any]:
     }
 
 
-@router.get("/api/task_status/{task_id}", summary="Task status with queue position (seed 003)")
+@router.get("/api/task_status/{task_id}", summary="Task status with queue position (ComfyUI API Service shape)")
 async def task_status(request: Request, task_id: str) -> JSONResponse:
     service = get_service(request)
     try:
@@ -180,24 +190,22 @@ async def task_status(request: Request, task_id: str) -> JSONResponse:
     return JSONResponse({"status": "error", "message": f"task {record.status}: {reason}", "error": view["error"]})
 
 
-@router.get("/api/history", summary="Recent tasks, newest first (seed 003)")
+@router.get("/api/history", summary="Recent tasks, newest first (ComfyUI API Service shape)")
 async def history(
     request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)
 ) -> dict[str, Any]:
     service = get_service(request)
-    records, _ = await run_in_threadpool(
-        service.store.list, None, limit, offset, caller_of(request).only_owner
-    )
+    records, _ = await run_in_threadpool(service.store.list, None, limit, offset, caller_of(request).only_owner)
     return {record.id: _history_entry(request, record) for record in records}
 
 
-@router.get("/api/history/{task_id}", summary="One task's history entry (seed 003)")
+@router.get("/api/history/{task_id}", summary="One task's history entry (ComfyUI API Service shape)")
 async def history_one(request: Request, task_id: str) -> dict[str, Any]:
     record = _as_record(await _find(request, task_id))
     return {record.id: _history_entry(request, record)}
 
 
-@router.get("/api/image/{task_id}", summary="The task's images as URLs (seed 003)")
+@router.get("/api/image/{task_id}", summary="The task's images as URLs (ComfyUI API Service shape)")
 async def image_info(request: Request, task_id: str) -> dict[str, Any]:
     record = _as_record(await _find(request, task_id))
     if record.status != JobState.COMPLETED.value:

@@ -207,8 +207,20 @@ def image_server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def trusting_server(start_server: ServerFactory) -> GenServeProcess:
     return start_server(
-        {"inputs": {"allow_private_urls": True}, "openai": {"process_response": "url"}}, in_process=True
+        {
+            "inputs": {"allow_private_urls": True},
+            "openai": {"process_response": "url", "model_aliases": ["flux", "dall-e-3", "gpt-image-1"]},
+        },
+        in_process=True,
     )
+
+
+def test_model_aliases_let_openai_model_names_run_flux(trusting_server: GenServeProcess) -> None:
+    for model in ("dall-e-3", "GPT-Image-1", "flux1-dev"):  # aliases are case-insensitive; model.id always works
+        result = client(trusting_server).images.generate(model=model, prompt="x", size="64x64", extra_body=FAST)
+        assert result.data[0].url
+    with pytest.raises(openai.NotFoundError):  # the list replaced the default one: a name left out is unknown
+        client(trusting_server).images.generate(model="flux-1-dev", prompt="x", size="64x64", extra_body=FAST)
 
 
 def test_url_inputs_are_fetched_when_private_urls_are_allowed(

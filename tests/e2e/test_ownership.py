@@ -96,7 +96,8 @@ def test_a_finished_job_answers_its_owner_and_admin_and_is_unknown_to_others(sha
     matrix: dict[tuple[str, str], dict[str, int]] = {}
     for method, template in FINISHED_JOB_ROUTES:
         path = template.format(id=task_id)
-        answers = {name: call(shared, method, path, key) for name, key in (("alice", ALICE), ("bob", BOB), ("ops", OPS))}
+        keys = (("alice", ALICE), ("bob", BOB), ("ops", OPS))
+        answers = {name: call(shared, method, path, key) for name, key in keys}
         matrix[(method, template)] = {name: answer.status_code for name, answer in answers.items()}
         assert same_as_unknown(shared, method, path, task_id, answers["bob"]), (method, path, answers["bob"].text)
     expected = {route: {"alice": 200, "bob": 404, "ops": 200} for route in FINISHED_JOB_ROUTES}

@@ -1,10 +1,15 @@
 """Small things a new user trips over: the wrong body type for a route, GET /, HEAD and jpg on /image, a stream
-request on /v1, the strength a fill never used, and CORS for a browser front end on another origin."""
+request on /v1, the strength a fill never used, an OpenAI edit whose mask is the image's transparency, and CORS for
+a browser front end on another origin."""
 
 from __future__ import annotations
 
+import io
+import re
+
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import ServerFactory
 from tests.server import GenServeProcess, b64, mask_png, png_bytes
@@ -64,6 +69,31 @@ def test_fill_reports_no_strength(server: GenServeProcess) -> None:
         prompt="p", mode="fill", input_image=b64(png_bytes((64, 64))), mask_image=b64(mask_png((64, 64))), **FAST
     ).json()
     assert body["success"] is True and body["strength"] is None
+
+
+def _edit_mode(server: GenServeProcess, image: bytes) -> str:
+    """The mode of the job an OpenAI edit without a mask ran."""
+    answer = requests.post(
+        f"{server.url}/v1/images/edits",
+        data={"prompt": "p", "size": "64x64", "response_format": "url"},
+        files={"image": ("in.png", image, "image/png")},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    task = re.search(r"/image/([0-9a-f]+)", answer.json()["data"][0]["url"])
+    assert task is not None
+    mode: str = requests.get(f"{server.url}/jobs/{task.group(1)}", timeout=10).json()["mode"]
+    return mode
+
+
+def test_an_edit_without_a_mask_repaints_the_images_transparent_pixels(server: GenServeProcess) -> None:
+    holed = Image.new("RGBA", (64, 64), (200, 80, 40, 255))
+    holed.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    holed.save(buffer, format="PNG")
+    assert _edit_mode(server, buffer.getvalue()) == "fill"  # the transparent square is the mask, as at OpenAI
+    assert _edit_mode(server, png_bytes((64, 64), (200, 80, 40, 255), mode="RGBA")) == "img2img"  # all opaque
+    assert _edit_mode(server, png_bytes((64, 64))) == "img2img"  # no alpha at all
 
 
 def test_cors_lets_a_configured_origin_call_the_api(start_server: ServerFactory) -> None:

@@ -18,9 +18,11 @@ from genserve.images import (
     decode_base64_field,
     decode_image,
     encode_png,
+    openai_mask_to_png,
     raw_to_pil,
     to_raw_mask,
     to_raw_rgb,
+    transparency_mask,
 )
 
 MB = 1024 * 1024
@@ -325,3 +327,35 @@ def test_encode_png_output_passes_decode_image() -> None:
     result = decode_image(encode_png(image), "image", max_bytes=BIG, max_pixels=PIXELS)
     assert result.format == "PNG"
     assert result.image.tobytes() == image.tobytes()
+
+
+def _holed(mode: str = "RGBA") -> bytes:
+    """64x64, opaque but for a fully transparent 16x16 square at (8, 8); a half-transparent pixel at (60, 60)."""
+    image = Image.new("RGBA", (64, 64), (10, 200, 30, 255))
+    image.paste((0, 0, 0, 0), (8, 8, 24, 24))
+    image.putpixel((60, 60), (10, 200, 30, 128))
+    return encode(image.convert(mode) if mode != "RGBA" else image)
+
+
+def test_the_transparent_pixels_of_an_image_become_the_repaint_area() -> None:
+    mask = transparency_mask(_holed(), "image", max_bytes=BIG, max_pixels=PIXELS)
+    assert mask is not None
+    grey = Image.open(io.BytesIO(mask))
+    assert grey.mode == "L" and grey.size == (64, 64)
+    assert grey.getpixel((8, 8)) == 255 and grey.getpixel((23, 23)) == 255  # fully transparent: repaint
+    assert grey.getpixel((24, 24)) == 0 and grey.getpixel((60, 60)) == 0  # opaque or half: keep
+    assert sum(1 for value in grey.getdata() if value) == 16 * 16
+    # the same area as an OpenAI mask file with those pixels transparent
+    assert openai_mask_to_png(_holed(), "mask", max_bytes=BIG, max_pixels=PIXELS) == mask
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGB", (32, 32), (1, 2, 3)),  # no alpha
+        Image.new("RGBA", (32, 32), (1, 2, 3, 255)),  # alpha, all opaque
+        Image.new("RGBA", (32, 32), (1, 2, 3, 100)),  # half transparent, nothing fully transparent
+    ],
+)
+def test_an_image_without_fully_transparent_pixels_gives_no_mask(image: Image.Image) -> None:
+    assert transparency_mask(encode(image), "image", max_bytes=BIG, max_pixels=PIXELS) is None
