@@ -22,10 +22,12 @@ from genserve.devices import resolve_devices
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
+from genserve.metrics import Metrics
 from genserve.middleware import BodyCap, BodySizeLimit
 from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
+from genserve.routes import metrics as metrics_routes
 from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
 from genserve.startup_checks import hardware_problems
 from genserve.store import ResultStore
@@ -60,6 +62,8 @@ def create_app(
         on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
     )
     jobs = JobManager(config, store, supervisor)
+    metrics = Metrics(supervisor, modes, config.defaults.priority)
+    jobs.listeners.append(metrics.on_job_event)
     catalogue = LoraCatalogue.from_config(config)  # reads nothing until a request needs it
     service = Service(
         config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop, loras=catalogue
@@ -72,6 +76,8 @@ def create_app(
                 "model.path is empty: serving the EMBEDDED RANDOM-WEIGHT TEST MODEL (images are noise); "
                 "point model.path at a FLUX.1-dev folder for real images"
             )
+        if config.server.metrics_port:  # first: a port that cannot be bound stops the start before any worker
+            metrics.serve_on_port(config.server.host, config.server.metrics_port)
         log.info("starting %d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
         jobs.start()
         supervisor.start()
@@ -83,6 +89,7 @@ def create_app(
             retention.stop()
             log.info("shutting down workers")
             await asyncio.to_thread(service.close)
+            await asyncio.to_thread(metrics.close)  # last: the metrics port answers while the workers stop
 
     app = FastAPI(
         title="GenServe",
@@ -92,6 +99,7 @@ def create_app(
         dependencies=[Depends(authorize)],
     )
     app.state.service = service
+    app.state.metrics = metrics  # the request middleware reports to it; GET /metrics renders it
     app.state.keyring = keyring
     if config.server.cors_origins:
         app.add_middleware(
@@ -111,6 +119,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(process.router)
     app.include_router(loras.router)
+    app.include_router(metrics_routes.router)
     return app
 
 

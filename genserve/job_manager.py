@@ -23,7 +23,7 @@ from typing import Any
 
 from genserve.config import Config
 from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
-from genserve.jobs import Job, JobEvent, JobState, result_json
+from genserve.jobs import Job, JobEvent, JobListener, JobState, result_json
 from genserve.messages import CancelReason
 from genserve.persistence import PersistenceWriter
 from genserve.prepare import PreparedJob
@@ -41,6 +41,7 @@ class JobManager:
         self.writer = PersistenceWriter(store)
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()  # guards _live only
+        self.listeners: list[JobListener] = []  # more listeners every job gets (the metrics): they only count
         self._running = False
         self._positions = threading.Thread(target=self._publish_positions, name="genserve-positions", daemon=True)
 
@@ -117,6 +118,8 @@ class JobManager:
         )
         self.store.insert(record_of(job))
         job.add_listener(self._on_event)
+        for listener in self.listeners:
+            job.add_listener(listener)
 
     def _jobs_in_flight(self, owner: str | None, adding: int) -> _Quota:
         """Under self._lock: how many live jobs ``owner`` has, and whether ``adding`` more would pass its limit."""

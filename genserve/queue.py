@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
@@ -109,6 +110,19 @@ class PriorityQueue(Generic[T]):
         """0-based place in line, or None if not queued."""
         key = self._keys.get(id(item))
         return None if key is None else int(self._order.index(key))
+
+    def depth_by_priority(self) -> dict[int, int]:
+        """How many items wait at each priority (metrics): O(p log n) for p distinct priorities, no scan.
+
+        Keys sort by (priority, sequence), so each priority's items are one run; its end is found by bisection."""
+        depths: dict[int, int] = {}
+        start = 0
+        while start < len(self._order):
+            priority = self._order[start][0]
+            end = self._order.bisect_left((priority + 1, -math.inf))  # the first key of a later priority
+            depths[priority] = end - start
+            start = end
+        return depths
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among queued items (None when none has one)."""

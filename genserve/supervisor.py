@@ -165,6 +165,8 @@ class WorkerSlot:
     jobs: list[Job] = field(default_factory=list)  # what the worker denoises: one job, or the jobs of a batch
     encoding: deque[Job] = field(default_factory=deque)  # denoised, PNG not reported yet: oldest first
     restarts: int = 0  # respawns so far
+    hangs: int = 0  # processes killed as hung (no heartbeat, or no step in time): metrics
+    oom_failures: int = 0  # jobs its processes failed with out-of-memory: metrics
     restart_times: deque[float] = field(default_factory=deque)  # monotonic, within the budget window
     consecutive_failures: int = 0  # deaths since the last time it became ready: drives the backoff
     respawn_at: float | None = None  # monotonic time of the next (re)spawn
@@ -410,6 +412,11 @@ class Supervisor:
         with self._lock:
             return self._queue.position(job)
 
+    def queue_depth_by_priority(self) -> dict[int, int]:
+        """Waiting jobs per priority (the metrics scrape): the lock for O(priorities log n), no scan."""
+        with self._lock:
+            return self._queue.depth_by_priority()
+
     # --- status (lock-free reads of the last snapshot) -------------------------------------------------------
 
     def ready_count(self) -> int:
@@ -471,6 +478,8 @@ class Supervisor:
                 "device": slot.device,
                 "state": slot.state.value,
                 "restarts": slot.restarts,
+                "hangs": slot.hangs,
+                "oom_failures": slot.oom_failures,
                 "budget_left": self._budget_left(slot),
                 "budget_spent": self._budget_left(slot) == 0,
                 "current_job": slot.jobs[0].id if slot.jobs else None,
@@ -661,6 +670,8 @@ class Supervisor:
                     job.finish(JobState.COMPLETED, result=message)
                     slot.jobs_done += 1
             case JobFailure():
+                if message.kind is FailureKind.OUT_OF_MEMORY:
+                    slot.oom_failures += 1
                 if (job := self._release_job(slot, message.job_id)) is not None:
                     self._fail_job(job, message)
                 if message.kind is FailureKind.DEVICE_FATAL:
@@ -957,7 +968,10 @@ class Supervisor:
         for slot in self._slots:
             for deadline, what in self._hang_deadlines(slot):
                 if now >= deadline and slot.process is not None:
-                    slot.death_cause = f"hung ({what}); killed"
+                    cause = f"hung ({what}); killed"
+                    if slot.death_cause != cause:  # a turn before the kill is reaped sees the same hang again
+                        slot.hangs += 1
+                    slot.death_cause = cause
                     log.error("worker %d (pid %s) is hung: %s; killing it", slot.index, slot.pid, what)
                     slot.process.kill()  # the sentinel reports the death; its job is handled as for any death
                     break

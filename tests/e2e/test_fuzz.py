@@ -94,6 +94,7 @@ FUZZED_OPERATIONS = [
     "POST /loras",
     "GET /loras/{name}",
     "DELETE /loras/{name}",
+    "GET /metrics",
 ]
 
 TWO_TO_63 = 2**63  # one past the largest integer SQLite stores
