@@ -21,6 +21,8 @@ import threading
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from genserve import logs
+from genserve.auth import ANYONE, Caller
 from genserve.config import Config
 from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
 from genserve.jobs import Job, JobEvent, JobListener, JobState, result_json
@@ -57,15 +59,30 @@ class JobManager:
 
     # --- submission ----------------------------------------------------------------------------------------------
 
-    def submit(self, prepared: PreparedJob, *, owner: str | None = None, timeout_s: float | None = None) -> Job:
+    def submit(
+        self,
+        prepared: PreparedJob,
+        *,
+        owner: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Job:
         """Record and queue a prepared job within ``timeout_s``; see submit_all."""
-        return self.submit_all([prepared], owner=owner, timeout_s=timeout_s)[0]
+        return self.submit_all([prepared], owner=owner, request_id=request_id, timeout_s=timeout_s)[0]
 
     def submit_all(
-        self, batch: list[PreparedJob], *, owner: str | None = None, timeout_s: float | None = None
+        self,
+        batch: list[PreparedJob],
+        *,
+        owner: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> list[Job]:
         """Record and queue the jobs of one request (the images of n > 1), all or none. Raises TooManyRequests
         (per-key cap, full queue), NotReady or ShuttingDown; nothing is kept then.
+
+        ``owner`` (the API key's name) owns the jobs: only it and admin keys see them. ``request_id`` is stored on
+        each job and travels to its worker, whose log lines for the job carry it.
 
         Blocking (writes input files and the records): call it from the thread pool, not the event loop.
         """
@@ -79,6 +96,7 @@ class JobManager:
                 model_id=prepared.model_id,
                 params={**prepared.params, "timeout_s": timeout_s},
                 owner=owner,
+                request_id=request_id,
             )
             for prepared in batch
         ]
@@ -104,6 +122,8 @@ class JobManager:
                 self.store.delete(job.id)
                 self.store.remove_inputs(job.id)
             raise
+        with logs.job_context((job.id, request_id or "") for job in jobs):
+            log.info("queued %s (key %s)", ", ".join(f"{job.request.mode} job {job.id}" for job in jobs), owner or "-")
         return jobs
 
     def _record(self, job: Job, prepared: PreparedJob) -> None:
@@ -111,6 +131,7 @@ class JobManager:
         files = self.store.write_inputs(job.id, prepared.images)
         job.request = replace(
             prepared.request,
+            request_id=job.request_id or "",
             output_path=str(self.store.image_path(job.id)),
             input_image=files.get("input_image"),
             mask_image=files.get("mask_image"),
@@ -179,18 +200,19 @@ class JobManager:
         with self._lock:
             return list(self._live.values())
 
-    def find(self, job_id: str) -> Job | JobRecord:
-        """The live job, else its record; NotFound when neither exists. Blocking (SQLite): thread pool."""
-        job = self.live(job_id)
-        if job is not None:
-            return job
-        record = self.store.get(job_id)
-        if record is None:
+    def find(self, job_id: str, caller: Caller = ANYONE) -> Job | JobRecord:
+        """The live job, else its record; NotFound when neither exists, or when it is another key's job and
+        ``caller`` is not an admin (the same answer: a tenant cannot learn that someone else's id exists).
+        Blocking (SQLite): thread pool."""
+        found: Job | JobRecord | None = self.live(job_id)
+        if found is None:
+            found = self.store.get(job_id)
+        if found is None or not caller.sees(found.owner):
             raise NotFound(f"no job with id {job_id!r}")
-        return record
+        return found
 
-    def view(self, job_id: str) -> dict[str, Any]:
-        found = self.find(job_id)
+    def view(self, job_id: str, caller: Caller = ANYONE) -> dict[str, Any]:
+        found = self.find(job_id, caller)
         return self.job_view(found) if isinstance(found, Job) else record_view(found)
 
     def job_view(self, job: Job) -> dict[str, Any]:
@@ -204,8 +226,9 @@ class JobManager:
             view["attempts"] = job.schedule.attempts
         return view
 
-    def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
-        records, total = self.store.list(status, limit, offset)
+    def list(self, status: str | None, limit: int, offset: int, caller: Caller = ANYONE) -> dict[str, Any]:
+        """Jobs newest first: every job for an admin (or with keys off), else only the caller's."""
+        records, total = self.store.list(status, limit, offset, owner=caller.only_owner)
         jobs = []
         for record in records:
             job = self.live(record.id)
@@ -214,11 +237,12 @@ class JobManager:
 
     # --- cancellation --------------------------------------------------------------------------------------------
 
-    def cancel(self, job_id: str, reason: CancelReason = CancelReason.CLIENT) -> Job:
-        """Ask a live job to stop; a finished or unknown one is an error (409 / 404). Blocking: thread pool."""
+    def cancel(self, job_id: str, reason: CancelReason = CancelReason.CLIENT, caller: Caller = ANYONE) -> Job:
+        """Ask a live job to stop; a finished or unknown one is an error (409 / 404), and so is another key's job
+        for a caller without admin (404, as unknown). Blocking: thread pool."""
         job = self.live(job_id)
-        if job is None or job.done:
-            found = self.find(job_id)  # NotFound for an unknown id
+        if job is None or job.done or not caller.sees(job.owner):
+            found = self.find(job_id, caller)  # NotFound for an unknown id, or one the caller may not see
             status = found.state.value if isinstance(found, Job) else found.status
             raise AlreadyEnded(f"job {job_id} already ended ({status}); nothing to cancel")
         self.supervisor.cancel(job, reason)
@@ -288,6 +312,8 @@ def record_view(record: JobRecord) -> dict[str, Any]:
         "result": None,
         "error": None,
         "cancel_reason": record.cancel_reason,
+        "owner": record.owner,
+        "request_id": record.request_id,
     }
     if record.started_at and record.finished_at:
         view["execution_time"] = round(record.finished_at - record.started_at, 4)

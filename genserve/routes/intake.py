@@ -236,8 +236,11 @@ async def submit_all(request: Request, service: Service, batch: list[PreparedJob
     first = batch[0]
     timeout_s = request_timeout(request, first, service.config.queue.task_timeout_s)
     owner = getattr(request.state, "api_key", None)
+    request_id = getattr(request.state, "request_id", None)
     try:
-        return await run_in_threadpool(service.jobs.submit_all, batch, owner=owner, timeout_s=timeout_s)
+        return await run_in_threadpool(
+            service.jobs.submit_all, batch, owner=owner, request_id=request_id, timeout_s=timeout_s
+        )
     except GenServeError as exc:
         raise exc.with_context(task_id=first.request.job_id, model_id=first.model_id, mode=first.request.mode) from None
 
