@@ -458,6 +458,29 @@ def _hop(url: str, field: str, policy: FetchPolicy, deadline: _Deadline) -> byte
         raise BadRequest(f"{field}: could not fetch {_shown(url)} ({reason})") from None
 
 
+@dataclass(frozen=True)
+class VettedConnection:
+    """An unopened connection that can only reach addresses the guard allowed, and what a request through it sends."""
+
+    connection: http.client.HTTPConnection
+    path: str  # request target: percent-encoded path and query
+    host_header: str  # the URL's host (and port when not the default), for the Host header
+
+
+def vetted_connection(url: str, field: str, policy: FetchPolicy) -> VettedConnection:
+    """The guard above for a URL GenServe calls on its own (webhook deliveries): check the URL, resolve its host once,
+    vet every address, and return a connection pinned to those addresses, so DNS rebinding cannot move it later.
+
+    One deadline of ``policy.timeout_s`` starts here and covers resolution, connect, TLS and every send and read.
+    Raises BadRequest when the URL or one of its addresses is refused, TimeoutError when resolution outlasts the
+    deadline. No redirect is followed: that, and what to send, is the caller's business."""
+    deadline = _Deadline(policy.timeout_s)
+    target = _parse(url.strip(), field)
+    addresses = _resolve(target, field, policy, deadline)
+    _vet(target, addresses, field, policy)
+    return VettedConnection(_PinnedConnection(target, addresses, deadline), target.path, target.host_header)
+
+
 def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
     """The body of an image URL, after the checks in the module docstring; BadRequest/PayloadTooLarge otherwise."""
     deadline = _Deadline(policy.timeout_s)

@@ -11,6 +11,8 @@ Locks, and the one order they may nest in (each is held briefly, and never acros
 1. ``Supervisor._lock`` — the queue, the slots, every job's Schedule.
 2. ``Job._lock`` — one job's visible state and its subscribers; its listeners only enqueue.
 3. ``JobManager._lock`` — the ``_live`` map only; nothing else is taken while it is held.
+   ``WebhookDispatcher._cond`` (genserve.webhooks) is at this level too: its listener takes it under a job's lock to
+   enqueue a delivery, and nothing else is taken while it is held.
 A thread holding a later lock never takes an earlier one. SQLite has no Python lock at all (see genserve.store).
 """
 
@@ -31,6 +33,7 @@ from genserve.persistence import PersistenceWriter
 from genserve.prepare import PreparedJob
 from genserve.store import JobRecord, ResultStore
 from genserve.supervisor import Supervisor
+from genserve.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class JobManager:
         self.store = store
         self.supervisor = supervisor
         self.writer = PersistenceWriter(store)
+        self.webhooks = WebhookDispatcher(config, self.writer)  # delivers on its own threads, fed by a listener
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()  # guards _live only
         self.listeners: list[JobListener] = []  # more listeners every job gets (the metrics): they only count
@@ -49,12 +53,14 @@ class JobManager:
 
     def start(self) -> None:
         self.writer.start()
+        self.webhooks.start()
         self._running = True
         self._positions.start()
 
     def stop(self) -> None:
         """After the supervisor has shut down: write every pending record change, then stop the threads."""
         self._running = False
+        self.webhooks.stop()  # a last try of pending terminal events; it writes outcomes, so before the writer
         self.writer.stop()
 
     # --- submission ----------------------------------------------------------------------------------------------
@@ -121,6 +127,7 @@ class JobManager:
                     self._live.pop(job.id, None)
                 self.store.delete(job.id)
                 self.store.remove_inputs(job.id)
+                self.webhooks.unwatch(job.id)
             raise
         with logs.job_context((job.id, request_id or "") for job in jobs):
             log.info("queued %s (key %s)", ", ".join(f"{job.request.mode} job {job.id}" for job in jobs), owner or "-")
@@ -137,8 +144,13 @@ class JobManager:
             mask_image=files.get("mask_image"),
             control_image=files.get("control_image"),
         )
-        self.store.insert(record_of(job))
+        record = record_of(job)
+        if prepared.webhook is not None:
+            record = replace(record, webhook=prepared.webhook.initial_view())
+        self.store.insert(record)
         job.add_listener(self._on_event)
+        if prepared.webhook is not None:  # after the record's listener, so the terminal columns are written first
+            self.webhooks.watch(job, prepared.webhook)
         for listener in self.listeners:
             job.add_listener(listener)
 
@@ -224,6 +236,7 @@ class JobManager:
         elif job.state is JobState.RUNNING:
             view["progress"] = job.progress_data()
             view["attempts"] = job.schedule.attempts
+        view["webhook"] = self.webhooks.view(job.id) or view["webhook"]  # the newest: the store's lags a little
         return view
 
     def list(self, status: str | None, limit: int, offset: int, caller: Caller = ANYONE) -> dict[str, Any]:
@@ -312,6 +325,7 @@ def record_view(record: JobRecord) -> dict[str, Any]:
         "result": None,
         "error": None,
         "cancel_reason": record.cancel_reason,
+        "webhook": record.webhook,  # url, events and each delivery's outcome (genserve.webhooks); never the secret
         "owner": record.owner,
         "request_id": record.request_id,
     }

@@ -21,6 +21,7 @@ from genserve.images import DecodedImage, RawImage, decode_base64_field, decode_
 from genserve.loras import LoraCatalogue
 from genserve.messages import JobRequest, LoraUse, Mode
 from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest
+from genserve.webhooks import WebhookSpec, webhook_spec
 
 # Images each mode cannot run without. controlnet takes input_image too (ControlNet img2img) but does not need it.
 REQUIRED_IMAGES: dict[Mode, tuple[str, ...]] = {
@@ -52,6 +53,7 @@ class PreparedJob:
     timeout_s: float | None = None  # the request's own deadline, if it asked for one (capped when submitted)
     num_images: int = 1  # images asked for: this job and num_images - 1 siblings with the next seeds (sync routes)
     group: str | None = None  # with siblings: the first job's id, shared by all; the supervisor may batch a group
+    webhook: WebhookSpec | None = None  # where to POST the job's events (each sibling sends its own)
 
 
 EncodedImages = Mapping[str, "bytes | str"]  # field -> raw upload bytes, or base64 / data-URI text
@@ -189,6 +191,7 @@ def prepare_job(
     strength = defaults.strength if req.strength is None else req.strength
     control_mode = resolve_control_mode(req.controlnet_type, config) if mode == "controlnet" else None
     lora_uses = resolve_loras(req.loras, mode, config, loras)
+    webhook = webhook_spec(req.webhook_url, req.webhook_events, config)  # resolves the host: after the cheap checks
 
     missing = [field for field in REQUIRED_IMAGES[mode] if not images.get(field)]
     if missing:
@@ -259,6 +262,7 @@ def prepare_job(
         params=params,
         timeout_s=req.timeout,
         num_images=num_images,
+        webhook=webhook,
     )
 
 

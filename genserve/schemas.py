@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from genserve.messages import Mode
+from genserve.webhooks import EVENTS_HELP, URL_HELP, WebhookEvent, parse_events_field
 
 MAX_SEED = 2**63 - 1
 IMAGE_FIELDS = ("input_image", "mask_image", "control_image")
@@ -97,6 +98,8 @@ class GenerateRequest(BaseModel):
     pooled_prompt_embeds_scale: float = Field(
         1.0, ge=0, le=10, allow_inf_nan=False, description="redux: scale of the pooled embedding."
     )
+    webhook_url: str | None = Field(None, description=URL_HELP)
+    webhook_events: list[WebhookEvent] | None = Field(None, description=EVENTS_HELP)
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +124,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _loras_json(cls, value: Any) -> Any:
         return parse_loras_field(value)
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _webhook_events(cls, value: Any) -> Any:
+        return parse_events_field(value)
 
 
 class GeneratedImage(BaseModel):

@@ -25,6 +25,8 @@ from genserve.schemas import IMAGE_FIELDS, GenerateRequest
 from genserve.service import Service
 
 DEADLINE_GRACE_S = 5.0  # how long past its deadline a waiting client still waits for the worker to confirm the stop
+# Form fields that hold a list and may come repeated, as the openai SDK sends one in form-data (name[]=a, name[]=b)
+REPEATABLE_FORM_FIELDS = ("webhook_events",)
 
 
 def body_schema(
@@ -169,6 +171,10 @@ async def read_form(
         elif key in image_fields:
             if value:
                 images[key] = value  # base64, a data: URI or an http(s) URL in a text field
+        elif key.removesuffix("[]") in REPEATABLE_FORM_FIELDS:
+            name = key.removesuffix("[]")
+            if value:  # joined with commas, as a client may send them in one field
+                fields[name] = f"{fields[name]},{value}" if name in fields else value
         elif value != "" or key in keep_empty:  # an empty optional form field means "not given"
             fields[key] = value
     return fields, images

@@ -28,6 +28,7 @@ from genserve.prepare import EncodedImages, prepare_job, snap_size, with_sibling
 from genserve.routes import intake
 from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
 from genserve.service import Service, get_service
+from genserve.webhooks import EVENTS_HELP, URL_HELP, WebhookEvent, parse_events_field
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
@@ -69,11 +70,18 @@ class ImagesRequest(BaseModel):
         description='GenServe extension (the SDK\'s extra_body): LoRAs, [{"name": "style", "weight": 0.8}]; a JSON '
         "string in form-data.",
     )
+    webhook_url: str | None = Field(None, description="GenServe extension (extra_body): " + URL_HELP)
+    webhook_events: list[WebhookEvent] | None = Field(None, description="GenServe extension: " + EVENTS_HELP)
 
     @field_validator("loras", mode="before")
     @classmethod
     def _loras_json(cls, value: Any) -> Any:
         return parse_loras_field(value)
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _webhook_events(cls, value: Any) -> Any:
+        return parse_events_field(value)
 
 
 # --- request pieces ------------------------------------------------------------------------------------------------
@@ -153,6 +161,8 @@ async def _make_images(
                 "strength": body.strength,
                 "timeout": body.timeout,
                 "loras": body.loras,
+                "webhook_url": body.webhook_url,
+                "webhook_events": body.webhook_events,
             }
         )
     except ValidationError as exc:

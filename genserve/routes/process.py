@@ -26,6 +26,7 @@ from genserve.prepare import EncodedImages, prepare_job
 from genserve.routes import intake
 from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
 from genserve.service import Service, get_service
+from genserve.webhooks import EVENTS_HELP, URL_HELP, WebhookEvent, parse_events_field
 
 router = APIRouter(prefix="/process", tags=["flux-imaging"])
 
@@ -45,11 +46,18 @@ class ProcessRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     loras: list[LoraRequest] | None = None  # as /generate's; a JSON string in form-data
+    webhook_url: str | None = Field(None, description=URL_HELP)
+    webhook_events: list[WebhookEvent] | None = Field(None, description=EVENTS_HELP)
 
     @field_validator("loras", mode="before")
     @classmethod
     def _loras_json(cls, value: Any) -> Any:
         return parse_loras_field(value)
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _webhook_events(cls, value: Any) -> Any:
+        return parse_events_field(value)
 
     # Seed 004 passes a bearer_token for its file server; GenServe stores results itself and ignores it.
     bearer_token: str | None = None
@@ -97,6 +105,8 @@ async def _run(request: Request, service: Service) -> tuple[Job, ProcessMode]:
                 "strength": strength,
                 "timeout": params.timeout,
                 "loras": params.loras,
+                "webhook_url": params.webhook_url,
+                "webhook_events": params.webhook_events,
             }
         )
     except ValidationError as exc:
