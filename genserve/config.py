@@ -98,7 +98,7 @@ class ServerConfig(_Section):
     )
     access_log: bool = Field(
         True,
-        description="One log line per request: method, path, status, duration, request id and key name (never the key).",
+        description="One log line per request: method, path, status, duration, request id, key name (never the key).",
     )
     metrics_port: int = Field(
         0,
@@ -471,7 +471,8 @@ class OpenAIConfig(_Section):
     )
     process_response: Literal["b64_json", "url"] = Field(
         "b64_json",
-        description="What POST /process returns: base64 (default, as seed 004 without FILE_SERVER) or a URL.",
+        description="What POST /process returns: base64 (the default, as the Flux Imaging API without FILE_SERVER) "
+        "or a URL.",
     )
 
     @field_validator("public_base_url")

@@ -1151,6 +1151,7 @@ class Supervisor:
             heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
             max_consecutive_oom=cfg.workers.max_consecutive_oom,
             log_level=cfg.server.log_level,
+            log_format=cfg.server.log_format,
         )
 
     def _threads_per_cpu_worker(self, devices: list[str]) -> int:

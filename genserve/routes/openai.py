@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from genserve.config import Config
 from genserve.errors import BadRequest, NotFound
 from genserve.http_errors import bad_request_from_validation
-from genserve.images import image_size, openai_mask_to_png, reencode
+from genserve.images import image_size, openai_mask_to_png, reencode, transparency_mask
 from genserve.jobs import Job
 from genserve.messages import Mode
 from genserve.prepare import EncodedImages, prepare_job, snap_size, with_siblings
@@ -266,7 +266,8 @@ async def generations(request: Request) -> JSONResponse:
 
 @router.post(
     "/edits",
-    summary="OpenAI images.edit: image (+ mask → fill, else img2img) and prompt → n images",
+    summary="OpenAI images.edit: image and prompt → n images; a mask (or, without one, the image's transparent "
+    "pixels) → fill, else img2img",
     openapi_extra=intake.body_schema(EditFields, json=False, form=True, files=("image", "mask")),
 )
 async def edits(request: Request) -> JSONResponse:
@@ -277,16 +278,20 @@ async def edits(request: Request) -> JSONResponse:
     prompt = _required_prompt(body)
     image = _one_image(images, ("image", "image[]"))
     source = await run_in_threadpool(_source_size, service, image)
+    limits = service.config.limits
     mask: bytes | str | None = images.get("mask")
+    if not mask and isinstance(image, bytes):  # as OpenAI: the image's own transparent pixels are the mask
+        mask = await run_in_threadpool(
+            transparency_mask, image, "image", max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels
+        )
+    elif isinstance(mask, bytes):
+        mask = await run_in_threadpool(
+            openai_mask_to_png, mask, "mask", max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels
+        )
     if not mask:
         inputs: EncodedImages = {"input_image": image}
         return await _make_images(
             request, service, body, mode="img2img", prompt=prompt, images=inputs, source_size=source
-        )
-    if isinstance(mask, bytes):
-        limits = service.config.limits
-        mask = await run_in_threadpool(
-            openai_mask_to_png, mask, "mask", max_bytes=limits.max_upload_bytes, max_pixels=limits.max_input_pixels
         )
     inputs = {"input_image": image, "mask_image": mask}
     return await _make_images(request, service, body, mode="fill", prompt=prompt, images=inputs, source_size=source)
