@@ -16,9 +16,10 @@ from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from genserve import __version__
-from genserve.auth import KeyRing, authorize
+from genserve.auth import OPEN_PATHS, KeyRing, authorize
 from genserve.config import Config, ConfigError, expand_path
 from genserve.devices import resolve_devices
+from genserve.docs import install_docs
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
@@ -97,6 +98,10 @@ def create_app(
         description="FLUX.1-dev image generation from a pool of GPU worker processes.",
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
+        # FastAPI's own docs routes would bypass authorize: genserve.docs serves them (install_docs, below).
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     app.state.metrics = metrics  # the request middleware reports to it; GET /metrics renders it
@@ -119,6 +124,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(process.router)
     app.include_router(loras.router)
+    install_docs(app, model_id=config.model.id, keys_enabled=keyring.enabled, open_paths=OPEN_PATHS)
     app.include_router(metrics_routes.router)
     return app
 

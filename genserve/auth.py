@@ -5,8 +5,10 @@ and from a keys file that stores only SHA-256 digests. In memory every key is ke
 key is hashed and compared with ``hmac.compare_digest`` against every known digest — no early exit — so the time
 taken says nothing about which key or how much of it matched. Keys are never logged; only their names are.
 
-Once any key is configured, every route except /health and /ready needs one, sent as ``Authorization: Bearer``
-or ``X-API-Key``: 401 without or with an unknown key, 403 without the route's scope. Scopes: ``read`` for GET,
+Once any key is configured, every route except /health and /ready needs one, sent as ``Authorization: Bearer``,
+``X-API-Key`` or HTTP Basic with the key as the password (a browser opening /docs can send only that): 401 without
+or with an unknown key (on the docs pages with a Basic challenge, so the browser prompts), 403 without the route's
+scope. The docs (genserve.docs) need ``read``, or nothing with ``auth.public_docs``. Scopes: ``read`` for GET,
 ``generate`` for everything that starts or stops work, ``metrics`` for GET /metrics, ``admin`` for all.
 
 A job belongs to the key that submitted it. Without ``admin`` a key sees, lists, streams, downloads and cancels
@@ -17,6 +19,8 @@ only its own jobs; another key's job answers 404 as an unknown id would (``Calle
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import sys
@@ -27,11 +31,13 @@ import yaml
 from fastapi import Request
 
 from genserve.config import Config, ConfigError, expand_path
+from genserve.docs import DOCS_PATHS
 from genserve.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 ALL_SCOPES = frozenset({"generate", "read", "metrics", "admin"})
 METRICS_PATH = "/metrics"
+DOCS_CHALLENGE = 'Basic realm="GenServe API docs"'  # a browser answers it with a login prompt
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,9 @@ def digest(key: str) -> bytes:
 
 
 class KeyRing:
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], public_docs: bool = False) -> None:
         self._keys = keys
+        self.public_docs = public_docs  # auth.public_docs: the docs need no key even when keys exist
 
     @classmethod
     def from_config(cls, config: Config) -> KeyRing:
@@ -86,7 +93,7 @@ class KeyRing:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"API key names must be unique; repeated: {', '.join(duplicates)}")
-        return cls(keys)
+        return cls(keys, public_docs=config.auth.public_docs)
 
     @property
     def enabled(self) -> bool:
@@ -130,9 +137,9 @@ def load_keys_file(path: Path) -> list[ApiKey]:
     return keys
 
 
-def required_scope(method: str, path: str) -> str | None:
+def required_scope(method: str, path: str, public_docs: bool = False) -> str | None:
     """The scope a request needs; None for the open routes."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or (public_docs and path in DOCS_PATHS):
         return None
     if path == METRICS_PATH:
         return "metrics"
@@ -144,8 +151,29 @@ def presented_key(request: Request) -> str | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme.lower() == "basic":
+        password = basic_password(token.strip())
+        if password:
+            return password
     header = request.headers.get("x-api-key", "").strip()
     return header or None
+
+
+def basic_password(credentials: str) -> str | None:
+    """The password of HTTP Basic credentials (base64 of "user:password"; any user name), None if malformed."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _user, colon, password = decoded.partition(":")
+    return password if colon else None
+
+
+def unauthorized(message: str, path: str) -> Unauthorized:
+    error = Unauthorized(message)
+    if path in DOCS_PATHS:  # a browser navigating to the docs cannot send a Bearer header: have it ask for Basic
+        error.headers["WWW-Authenticate"] = DOCS_CHALLENGE
+    return error
 
 
 async def authorize(request: Request) -> None:
@@ -154,15 +182,16 @@ async def authorize(request: Request) -> None:
     request.state.api_key = None
     request.state.caller = ANYONE
     keyring: KeyRing = request.app.state.keyring
-    scope = required_scope(request.method, request.url.path)
+    path = request.url.path
+    scope = required_scope(request.method, path, keyring.public_docs)
     if not keyring.enabled or scope is None:
         return
     presented = presented_key(request)
     if presented is None:
-        raise Unauthorized("an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        raise unauthorized("an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'", path)
     key = keyring.identify(presented)
     if key is None:
-        raise Unauthorized("the API key is not valid")
+        raise unauthorized("the API key is not valid", path)
     if not key.allows(scope):
         raise Forbidden(f"API key '{key.name}' lacks the '{scope}' scope this route needs", code="insufficient_scope")
     request.state.api_key = key.name

@@ -26,7 +26,16 @@ from genserve.jobs import Job
 from genserve.messages import Mode
 from genserve.prepare import EncodedImages, prepare_job, snap_size, with_siblings
 from genserve.routes import intake
-from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
+from genserve.schemas import (
+    EXAMPLE_MODEL_ID,
+    EXAMPLE_PROMPT,
+    EXAMPLE_SIZE,
+    EXAMPLE_STEPS,
+    MAX_SEED,
+    GenerateRequest,
+    LoraRequest,
+    parse_loras_field,
+)
 from genserve.service import Service, get_service
 from genserve.webhooks import EVENTS_HELP, URL_HELP, WebhookEvent, parse_events_field
 
@@ -41,6 +50,17 @@ USAGE = {
 }
 DEFAULT_QUALITY = 90  # JPEG/WEBP quality when output_compression is not given
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+# For the API docs' "Try it out" (genserve.docs): runs as is against a default server.
+GENERATIONS_EXAMPLE: dict[str, Any] = {
+    "model": EXAMPLE_MODEL_ID,
+    "prompt": EXAMPLE_PROMPT,
+    "n": 1,
+    "size": f"{EXAMPLE_SIZE}x{EXAMPLE_SIZE}",
+    "num_inference_steps": EXAMPLE_STEPS,
+    "guidance_scale": 3.5,
+    "seed": 42,
+    "response_format": "url",
+}
 
 
 class ImagesRequest(BaseModel):
@@ -242,6 +262,12 @@ def _source_size(service: Service, data: bytes | str) -> tuple[int, int] | None:
 # --- routes --------------------------------------------------------------------------------------------------------
 
 
+class GenerationsFields(ImagesRequest):
+    """The body of /generations, for the OpenAPI schema: with an example that runs."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GENERATIONS_EXAMPLE]})
+
+
 class EditFields(ImagesRequest):
     """The multipart fields of /edits and /variations, for the OpenAPI schema (files: image, image[], mask)."""
 
@@ -251,7 +277,7 @@ class EditFields(ImagesRequest):
 @router.post(
     "/generations",
     summary="OpenAI images.generate: prompt → n images (with 'image': img2img)",
-    openapi_extra=intake.body_schema(ImagesRequest, json=True, form=True),
+    openapi_extra=intake.body_schema(GenerationsFields, json=True, form=True),
 )
 async def generations(request: Request) -> JSONResponse:
     service = get_service(request)

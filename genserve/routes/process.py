@@ -24,7 +24,15 @@ from genserve.jobs import Job
 from genserve.messages import Mode
 from genserve.prepare import EncodedImages, prepare_job
 from genserve.routes import intake
-from genserve.schemas import MAX_SEED, GenerateRequest, LoraRequest, parse_loras_field
+from genserve.schemas import (
+    EXAMPLE_PROMPT,
+    EXAMPLE_SIZE,
+    EXAMPLE_STEPS,
+    MAX_SEED,
+    GenerateRequest,
+    LoraRequest,
+    parse_loras_field,
+)
 from genserve.service import Service, get_service
 from genserve.webhooks import EVENTS_HELP, URL_HELP, WebhookEvent, parse_events_field
 
@@ -32,6 +40,15 @@ router = APIRouter(prefix="/process", tags=["flux-imaging"])
 
 IMAGE_FIELDS = ("input_file", "input_image_url")
 ProcessMode = Literal["edit", "variation", "generate"]
+# For the API docs' "Try it out" (genserve.docs): a prompt alone generates; runs as is against a default server.
+PROCESS_EXAMPLE: dict[str, Any] = {
+    "prompt": EXAMPLE_PROMPT,
+    "width": EXAMPLE_SIZE,
+    "height": EXAMPLE_SIZE,
+    "num_inference_steps": EXAMPLE_STEPS,
+    "guidance_scale": 3.5,
+    "seed": 42,
+}
 
 
 class ProcessRequest(BaseModel):
@@ -135,7 +152,9 @@ def _json_answer(job: Job, kind: ProcessMode, service: Service, base_url: str) -
 
 
 class ProcessFields(ProcessRequest):
-    """Fields of /process for the OpenAPI schema (input_file is a file in form-data)."""
+    """Fields of /process for the OpenAPI schema (input_file is a file in form-data), with an example that runs."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [PROCESS_EXAMPLE]})
 
     input_file: str | None = None
     input_image_url: str | None = None
