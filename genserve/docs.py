@@ -146,7 +146,8 @@ def add_request_examples(document: dict[str, Any], model_id: str) -> None:
             if media is None or "examples" in media:
                 continue
             schema = media.get("schema", {})
-            values = [_for_this_server(value, model_id) for value in schema.get("examples") or []]
+            fields = list(schema.get("properties", {}))
+            values = [_for_this_server(value, model_id, fields) for value in schema.get("examples") or []]
             if values:
                 schema["examples"] = values  # the schema's own list says the same
                 media["examples"] = {
@@ -170,7 +171,10 @@ def _example_name(index: int, values: list[dict[str, Any]]) -> str:
     return "example" if len(values) == 1 else f"example {index + 1}"
 
 
-def _for_this_server(value: dict[str, Any], model_id: str) -> dict[str, Any]:
-    """The models' examples name the default model (flux1-dev); a server configured with another model.id gets
-    examples that name its own, so "Try it out" runs as is."""
-    return {key: model_id if key in MODEL_FIELDS else item for key, item in value.items()}
+def _for_this_server(value: dict[str, Any], model_id: str, fields: list[str]) -> dict[str, Any]:
+    """An example as this server shows it: naming its model.id (the models' examples name the default, flux1-dev),
+    so that "Try it out" runs as is, and with its keys in the order of the schema's fields (pydantic sorts an
+    example's keys alphabetically, which would put cfg first and the prompt in the middle)."""
+    rank = {name: index for index, name in enumerate(fields)}
+    ordered = sorted(value, key=lambda key: rank.get(key, len(rank)))
+    return {key: model_id if key in MODEL_FIELDS else value[key] for key in ordered}
