@@ -29,6 +29,7 @@ from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.routes import metrics as metrics_routes
+from genserve.routes.ui import install_ui
 from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
 from genserve.startup_checks import hardware_problems
 from genserve.store import ResultStore
@@ -118,6 +119,7 @@ def create_app(
     lora_upload = BodyCap(config.loras.max_upload_bytes + loras.FORM_SLACK_BYTES, "loras.max_upload_mb")
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes, routes={"/loras": lora_upload})
     install_error_handlers(app)
+    install_ui(app)  # first: GET / from a browser is the playground, before native's JSON at the same path
     app.include_router(native.router)
     app.include_router(jobs_routes.router)
     app.include_router(compat.router)

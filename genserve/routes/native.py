@@ -12,17 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from annotated_types import Ge, Le
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from genserve import __version__
 from genserve.auth import Caller, caller_of
+from genserve.config import CONTROL_MODES, Config
 from genserve.errors import GenServeError
 from genserve.jobs import Job
-from genserve.prepare import PreparedJob, with_siblings
+from genserve.prepare import SIZE_MULTIPLE, PreparedJob, with_siblings
 from genserve.routes import intake
-from genserve.schemas import GeneratedImage, GenerateResponse
+from genserve.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse
 from genserve.service import Service, get_service
 
 router = APIRouter()
@@ -194,8 +196,26 @@ async def models(request: Request) -> list[dict[str, Any]]:
             "embedded_test_model": embedded,
             # How each worker fits the model on its device (precision and placement per component).
             "memory_plans": plans,
+            # What a client may ask for, so it can check a request before sending it (the playground's form does).
+            "modes": list(service.modes),
+            "limits": request_limits(config),
+            "defaults": config.defaults.model_dump(),
+            "controlnet_types": sorted(CONTROL_MODES),
         }
     ]
+
+
+def request_limits(config: Config) -> dict[str, Any]:
+    """The bounds genserve.prepare and genserve.schemas enforce on a request's fields."""
+    limits = config.limits
+    priority = GenerateRequest.model_fields["priority"].metadata  # [Ge, Le]: the schema's bounds, read, not copied
+    return {
+        **limits.model_dump(),
+        "size_multiple": SIZE_MULTIPLE,
+        "max_seed": MAX_SEED,
+        "min_priority": next(bound.ge for bound in priority if isinstance(bound, Ge)),
+        "max_priority": next(bound.le for bound in priority if isinstance(bound, Le)),
+    }
 
 
 @router.get("/", summary="What this server is, and where its API docs are")
@@ -207,6 +227,7 @@ async def root(request: Request) -> dict[str, Any]:
         "docs": "/docs",
         "openapi": "/openapi.json",
         "status": "/status",
+        "playground": "/ui",  # the web page; a browser opening / gets it too (genserve.routes.ui)
     }
 
 

@@ -38,9 +38,14 @@ def test_json_on_a_form_route_points_to_the_json_route(server: GenServeProcess, 
 
 
 def test_root_says_what_this_is_and_where_the_docs_are(server: GenServeProcess) -> None:
+    """API clients (curl's and requests' Accept: */*) get JSON at /; a browser (Accept: text/html) the playground."""
     body = requests.get(f"{server.url}/", timeout=10).json()
     assert body["service"] == "GenServe" and body["docs"] == "/docs" and body["openapi"] == "/openapi.json"
     assert requests.get(f"{server.url}{body['docs']}", timeout=10).status_code == 200
+    as_json = requests.get(f"{server.url}/", headers={"Accept": "application/json"}, timeout=10)
+    assert as_json.json()["playground"] == "/ui"
+    page = requests.get(f"{server.url}/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, timeout=10)
+    assert page.headers["content-type"].startswith("text/html") and "GenServe playground" in page.text
 
 
 def test_head_and_jpg_on_image(server: GenServeProcess) -> None:
