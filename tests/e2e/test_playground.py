@@ -41,6 +41,7 @@ QUEUE_MAX = 2  # small, so one test can fill the queue and see the server's 429 
 ARTIST_KEY = "artist-key-0123456789"  # generate + read
 VIEWER_KEY = "viewer-key-0123456789"  # read only: may look, may not generate
 HISTORY_PROMPTS = ["a red fox in fresh snow", "a glass house in a pine forest", "koi in a moonlit pond"]
+POOL_REFRESH_MS = 2000  # genserve/ui/assets/js/pool.js REFRESH_MS
 SCREENSHOT_ENV = "GENSERVE_PLAYGROUND_SCREENSHOT"  # a path: the screenshot test also writes the README's image there
 
 
@@ -230,6 +231,29 @@ def test_works_behind_a_reverse_proxy_path_prefix(server: GenServeProcess, watch
     wait_for_result(page)
     outside = [url for url in watched.urls if not url.startswith((prefix + "/", "data:", "blob:"))]
     assert not outside, outside
+
+
+def test_pool_panel_refreshes_only_while_the_page_is_visible(server: GenServeProcess, watched: Watched) -> None:
+    page = watched.page
+    open_playground(page, f"{server.url}/")
+    expect(page.locator("#workers tr[data-slot='0']")).to_contain_text("cpu")
+
+    def set_visibility(state: str) -> None:
+        page.evaluate(
+            """(state) => {
+                Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => state });
+                document.dispatchEvent(new Event('visibilitychange'));
+            }""",
+            state,
+        )
+
+    set_visibility("hidden")
+    page.wait_for_timeout(300)  # a refresh already on its way lands
+    asked = sum(url.endswith("/status") for url in watched.urls)
+    page.wait_for_timeout(2 * POOL_REFRESH_MS + 500)
+    assert sum(url.endswith("/status") for url in watched.urls) == asked  # a hidden tab costs the server nothing
+    with page.expect_request(lambda request: request.url.endswith("/status"), timeout=1000):
+        set_visibility("visible")  # back: at once, not at the next tick
 
 
 # --- every mode -----------------------------------------------------------------------------------------------
