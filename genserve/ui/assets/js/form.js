@@ -62,7 +62,9 @@ export class GenerateForm {
   }
 
   // Fill the form from GET /models: the modes served, the limits, the defaults, the ControlNet types.
+  // Called again after a new key is entered: the fields keep what the user typed, only the first call fills them.
   configure(model) {
+    const first = !this.model;
     this.model = model;
     const { limits, defaults } = model;
     const modes = model.modes;
@@ -78,21 +80,23 @@ export class GenerateForm {
     }
     for (const name of ["width", "height"]) {
       Object.assign(this.inputs[name], { min: limits.min_size, max: limits.max_size, step: limits.size_multiple });
-      this.inputs[name].value = defaults[name];
     }
     Object.assign(this.inputs.num_inference_steps, { min: limits.min_steps, max: limits.max_steps });
-    this.inputs.num_inference_steps.value = defaults.num_inference_steps;
     Object.assign(this.inputs.cfg, { min: 0, max: limits.max_cfg });
     this.inputs.prompt.maxLength = limits.max_prompt_chars;
-    this.inputs.priority.value = defaults.priority;
-    this.inputs.strength.value = defaults.strength;
-    this.inputs.strength.dispatchEvent(new Event("input"));
     const select = this.form.querySelector("#controlnet_type");
+    const chosenType = select.value;
     select.replaceChildren(...model.controlnet_types.map((type) => new Option(type, type)));
-    select.value = defaults.controlnet_type;
+    select.value = first ? defaults.controlnet_type : chosenType;
+    if (first) {
+      for (const name of ["width", "height", "num_inference_steps", "priority", "strength"]) {
+        this.inputs[name].value = defaults[name];
+      }
+      this.inputs.strength.dispatchEvent(new Event("input"));
+    }
     this.form.querySelector("#limits-hint").textContent =
       `Sizes ${limits.min_size}–${limits.max_size} (multiples of ${limits.size_multiple}), steps ${limits.min_steps}–${limits.max_steps}, guidance 0–${limits.max_cfg}`;
-    this.setMode(modes.includes(this.mode) ? this.mode : modes[0], { force: true });
+    this.setMode(modes.includes(this.mode) ? this.mode : modes[0], { force: first });
   }
 
   // The guidance each mode defaults to (FLUX.1-Fill wants 30, Redux 2.5): switching modes moves the field to the

@@ -42,7 +42,7 @@ export class JobWatcher {
     this.reset(jobId);
     try {
       const view = await getJson(`jobs/${encodeURIComponent(jobId)}`);
-      if (TERMINAL.has(view.status)) await this.ended(view.status, view);
+      if (TERMINAL.has(view.status)) await this.ended(view.status, view, { live: false });
       else this.follow(jobId, view);
     } catch (error) {
       this.fail(error);
@@ -128,7 +128,8 @@ export class JobWatcher {
   }
 
   // The job ended: fetch its full view (timings, parameters) and show the image, the error or the cancellation.
-  async ended(kind, data) {
+  // live: it ended while the page watched (the history and the pool have news), not opened from the history.
+  async ended(kind, data, { live = true } = {}) {
     const jobId = this.jobId;
     this.stream = null;
     this.el.cancel.hidden = true;
@@ -156,7 +157,7 @@ export class JobWatcher {
       this.el.status.textContent = "Canceled";
       this.el.progressText.textContent = view.cancel_reason ? `Reason: ${view.cancel_reason}` : "";
     }
-    this.hooks.onEnded(jobId, kind);
+    if (live) this.hooks.onEnded(jobId, kind);
   }
 
   async showResult(view) {
