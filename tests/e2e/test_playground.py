@@ -36,6 +36,9 @@ from tests.server import GenServeProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
+# Playwright's assertions retry this long: generous, as the 2 cores are shared with the workers and other tests.
+expect.set_options(timeout=15_000)
+
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 QUEUE_MAX = 2  # small, so one test can fill the queue and see the server's 429 shown in the page
 ARTIST_KEY = "artist-key-0123456789"  # generate + read
