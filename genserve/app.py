@@ -25,6 +25,7 @@ from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
 from genserve.metrics import Metrics
 from genserve.middleware import BodyCap, BodySizeLimit
+from genserve.request_log import RequestLog
 from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
@@ -113,11 +114,13 @@ def create_app(
             allow_origins=config.server.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["Retry-After", "Location"],
+            expose_headers=["Retry-After", "Location", "X-Request-ID"],
         )
     # A LoRA upload may be larger than any generation request: /loras has its own cap.
     lora_upload = BodyCap(config.loras.max_upload_bytes + loras.FORM_SLACK_BYTES, "loras.max_upload_mb")
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes, routes={"/loras": lora_upload})
+    # Added last, so outermost: every answer (a 413, a CORS preflight) gets an id and an access-log line.
+    app.add_middleware(RequestLog, log_requests=config.server.access_log)
     install_error_handlers(app)
     install_ui(app)  # first: GET / from a browser is the playground, before native's JSON at the same path
     app.include_router(native.router)
