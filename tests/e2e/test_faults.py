@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerFactory
 from tests.fault_worker import SLOW_STEP_S
@@ -74,14 +75,29 @@ def test_slow_steps_are_not_a_hang(faulty: GenServeProcess) -> None:
     assert worker(faulty)["restarts"] == before["restarts"]
 
 
+def worker_counter(server: GenServeProcess, family: str) -> float:
+    """Worker 0's value of a genserve_worker_*_total counter in a /metrics scrape."""
+    scrape = requests.get(f"{server.url}/metrics", timeout=10).text
+    for metric in text_string_to_metric_families(scrape):
+        for sample in metric.samples:
+            if sample.name == family and sample.labels.get("slot") == "0":
+                return float(sample.value)
+    raise AssertionError(f"{family} is not in the scrape")
+
+
 def test_hung_worker_is_killed_and_its_job_fails_after_hanging_twice(faulty: GenServeProcess) -> None:
     before = faulty.wait_full_strength()["workers"][0]
+    hangs_before = worker_counter(faulty, "genserve_worker_hangs_total")
+    restarts_before = worker_counter(faulty, "genserve_worker_restarts_total")
     response = faulty.generate(prompt="[hang] a frozen lake", timeout=180, **SMALL)
     assert response.status_code == 500, response.text
     assert response.json()["error_type"] == "worker_died"
     now = faulty.wait_full_strength()["workers"][0]
     assert now["restarts"] == before["restarts"] + 2  # hung once, re-queued, hung again on the respawn
     assert now["last_error"].startswith("hung (no step after step 1 within")
+    assert now["hangs"] == before["hangs"] + 2
+    assert worker_counter(faulty, "genserve_worker_hangs_total") == hangs_before + 2  # operators see it too
+    assert worker_counter(faulty, "genserve_worker_restarts_total") == restarts_before + 2
     assert faulty.generate(prompt="life goes on", **SMALL).status_code == 200
 
 

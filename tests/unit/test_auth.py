@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 
 import pytest
 
-from genserve.auth import ApiKey, KeyRing, digest, load_keys_file, required_scope
+from genserve.auth import ANYONE, ApiKey, Caller, KeyRing, basic_password, digest, load_keys_file, required_scope
 from genserve.config import ConfigError, load_config
 
 SECRET = "a-very-secret-key-123"
@@ -87,6 +88,36 @@ def test_required_scope_by_route() -> None:
     assert required_scope("GET", "/health") is None and required_scope("GET", "/ready") is None
     assert required_scope("GET", "/jobs") == "read" and required_scope("HEAD", "/status") == "read"
     assert required_scope("POST", "/generate") == "generate" and required_scope("DELETE", "/jobs/x") == "generate"
+    assert required_scope("GET", "/metrics") == "metrics"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_the_docs_need_read_unless_public_docs(path: str) -> None:
+    assert required_scope("GET", path) == "read"
+    assert required_scope("GET", path, public_docs=True) is None
+    assert required_scope("GET", "/status", public_docs=True) == "read"  # only the docs open up
+
+
+@pytest.mark.parametrize(
+    ("credentials", "password"),
+    [
+        (base64.b64encode(b"anyone:" + SECRET.encode()).decode(), SECRET),
+        (base64.b64encode(b":" + SECRET.encode()).decode(), SECRET),  # no user name
+        (base64.b64encode(b"user:pass:with:colons").decode(), "pass:with:colons"),
+        (base64.b64encode(b"no-colon-at-all").decode(), None),
+        ("not base64!", None),
+        (base64.b64encode(b"\xff\xfe:x").decode(), None),  # not UTF-8
+    ],
+)
+def test_basic_credentials_give_the_key_as_their_password(credentials: str, password: str | None) -> None:
+    assert basic_password(credentials) == password
+
+
+def test_a_caller_sees_its_own_jobs_and_an_admin_all() -> None:
+    alice, ops = Caller(name="alice", admin=False), Caller(name="ops", admin=True)
+    assert alice.sees("alice") and not alice.sees("bob") and not alice.sees(None)  # None: stored before ownership
+    assert ops.sees("alice") and ops.sees(None) and ANYONE.sees("anyone")
+    assert alice.only_owner == "alice" and ops.only_owner is None and ANYONE.only_owner is None
 
 
 def test_admin_allows_everything() -> None:
