@@ -1,7 +1,7 @@
 """The one place where errors become HTTP responses (API process).
 
 GenServe errors, FastAPI's request validation errors and Starlette's HTTP exceptions all leave in GenServe's
-error shape — ``success: false`` and ``error`` as seed 001 has it, plus FastAPI's ``detail`` and a stable
+error shape — ``success: false`` and ``error`` as GenServe's API document has it, plus FastAPI's ``detail`` and a stable
 ``error_type`` — with the status code the error class carries. Anything unexpected is logged with its traceback
 and answered 500 without internals.
 """

@@ -1,4 +1,4 @@
-"""Request and response bodies of the native GenServe API (seed 001), with seed 000's aliases.
+"""Request and response bodies of the native GenServe API with the FLUX.1 DEV API's field aliases.
 
 Only bounds that do not depend on configuration live here; the configured limits (size, steps, prompt length) are
 checked in ``genserve.prepare`` so the message can quote them.

@@ -1,8 +1,8 @@
 """Routes of the systems GenServe replaces, on the same job machinery.
 
-- Seed 000 (FLUX.1-dev over ComfyUI): ``GET /image/{task_id}`` (the PNG, or re-encoded with ``?format=``),
+- The FLUX.1 DEV API (FLUX.1-dev over ComfyUI): ``GET /image/{task_id}`` (the PNG, or re-encoded with ``?format=``),
   ``GET /queue``.
-- Seed 003 (ComfyUI API service): ``GET /api/task_status/{id}``, ``GET /api/history``, ``GET /api/history/{id}``,
+- The ComfyUI API Service: ``GET /api/task_status/{id}``, ``GET /api/history``, ``GET /api/history/{id}``,
   ``GET /api/image/{id}``.
 
 Runs on the API process's event loop; store reads and image re-encoding go through the thread pool.
@@ -45,7 +45,7 @@ def _absolute(request: Request, path: str) -> str:
     return str(request.base_url).rstrip("/") + path
 
 
-# --- seed 000 ------------------------------------------------------------------------------------------------------
+# --- the FLUX.1 DEV API (FLUX.1-dev over ComfyUI) --------------------------------------------------------------------
 
 
 _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {media: {} for media in MEDIA_TYPES.values()}}}
@@ -127,7 +127,7 @@ async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-# --- seed 003 ------------------------------------------------------------------------------------------------------
+# --- the ComfyUI API Service -----------------------------------------------------------------------------------------
 
 
 def _images(request: Request, record: JobRecord) -> list[dict[str, str]]:

@@ -1,4 +1,4 @@
-"""GenServe's native API (seed 001): /generate, /generate/img2img, /status, /models, /health, /ready.
+"""GenServe's native API: /generate, /generate/img2img, /status, /models, /health, /ready.
 
 Runs on the API process's event loop. The synchronous generate routes are "submit and wait" on the job machinery
 (genserve.job_manager): the job is recorded like any other, and its image is read back from the result store and

@@ -1,4 +1,4 @@
-"""Flux Imaging API routes (seed 004): ``POST /process`` and ``POST /process/raw``, which pick the mode themselves.
+"""The Flux Imaging API's routes: ``POST /process`` and ``POST /process/raw``, which pick the mode themselves.
 
 Image and prompt → edit (img2img); image only → variation (FLUX.1-Redux when served and openai.variation_mode is
 redux, else img2img with a neutral prompt); prompt only → generate (text2img); neither → 400. The image comes as an
