@@ -443,11 +443,11 @@ class _EventStreams:
     def __init__(
         self,
         *,
-        prefix: str,
-        ttl_s: float,
-        unfinished_ttl_s: float,
-        max_events: int,
-        max_block_s: float,
+        prefix: str = "genserve:",
+        ttl_s: float = DEFAULT_TTL_S,
+        unfinished_ttl_s: float = DEFAULT_UNFINISHED_TTL_S,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_block_s: float = 2.0,
     ) -> None:
         """``max_block_s``: the longest one XREAD blocks; keep it under the client's socket timeout."""
         self.prefix = prefix
@@ -494,23 +494,9 @@ class RedisJobEvents(_EventStreams):
     """Job events on Redis streams, for threads (worker nodes publish; webhooks and blocking waits read).
     Thread-safe: a blocked ``read`` holds one pooled connection while it waits."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        prefix: str = "genserve:",
-        ttl_s: float = DEFAULT_TTL_S,
-        unfinished_ttl_s: float = DEFAULT_UNFINISHED_TTL_S,
-        max_events: int = DEFAULT_MAX_EVENTS,
-        max_block_s: float = 2.0,
-    ) -> None:
-        super().__init__(
-            prefix=prefix,
-            ttl_s=ttl_s,
-            unfinished_ttl_s=unfinished_ttl_s,
-            max_events=max_events,
-            max_block_s=max_block_s,
-        )
+    def __init__(self, client: redis.Redis, **settings: Any) -> None:
+        """``settings``: prefix, ttl_s, unfinished_ttl_s, max_events, max_block_s (see _EventStreams)."""
+        super().__init__(**settings)
         self._client = client
         self._where = _where(client)
         self._publish = client.register_script(_PUBLISH)
@@ -566,23 +552,9 @@ class AsyncRedisJobEvents(_EventStreams):
     """Job events on Redis streams for the API process's event loop (redis.asyncio): the same streams as
     ``RedisJobEvents``. A blocked ``read`` holds one pooled connection; cancelling the awaiting task ends it."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        prefix: str = "genserve:",
-        ttl_s: float = DEFAULT_TTL_S,
-        unfinished_ttl_s: float = DEFAULT_UNFINISHED_TTL_S,
-        max_events: int = DEFAULT_MAX_EVENTS,
-        max_block_s: float = 2.0,
-    ) -> None:
-        super().__init__(
-            prefix=prefix,
-            ttl_s=ttl_s,
-            unfinished_ttl_s=unfinished_ttl_s,
-            max_events=max_events,
-            max_block_s=max_block_s,
-        )
+    def __init__(self, client: redis.asyncio.Redis, **settings: Any) -> None:
+        """``settings``: prefix, ttl_s, unfinished_ttl_s, max_events, max_block_s (see _EventStreams)."""
+        super().__init__(**settings)
         self._client = client
         self._where = _where(client)
         self._publish = client.register_script(_PUBLISH)
