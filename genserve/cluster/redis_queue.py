@@ -59,11 +59,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
+import redis.asyncio
 import redis.exceptions
 from redis.backoff import ExponentialBackoff
 from redis.client import PubSub
@@ -346,8 +347,7 @@ class RedisJobQueue:
         self._keys = [prefix + name for name in _KEY_NAMES]
         self._wake_key = prefix + "wake"
         self._cancel_channel_prefix = prefix + "cancels:"
-        kwargs = client.connection_pool.connection_kwargs
-        self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        self._where = redis_where(client)
         self._submit = client.register_script(_PRELUDE + _SUBMIT)
         self._claim = client.register_script(_PRELUDE + _CLAIM)
         self._renew = client.register_script(_PRELUDE + _RENEW)
@@ -365,13 +365,7 @@ class RedisJobQueue:
         also re-sends a command whose reply was lost after Redis ran it; submit is idempotent for that reason
         (the same job id and payload are admitted once), and a claim whose reply was lost leaves a lease nobody
         renews, so the job comes back through reap_expired (an attempt spent)."""
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=min(socket_timeout_s, 2.0),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            health_check_interval=30,
-        )
+        client = redis.Redis.from_url(url, retry=Retry(retry_backoff(), retries=2), **client_options(socket_timeout_s))
         options.setdefault("max_block_s", max(0.05, socket_timeout_s - 1.0))
         return cls(client, **options)
 
@@ -547,15 +541,8 @@ class RedisJobQueue:
     def close(self) -> None:
         self._client.close()
 
-    @contextmanager
-    def _redis_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-            # BusyLoadingError (Redis still reading its AOF after a restart) is a ConnectionError too.
-            raise QueueUnavailable(
-                f"the job queue's Redis ({self._where}) is unavailable: {error}", headers={"Retry-After": "5"}
-            ) from error
+    def _redis_errors(self) -> AbstractContextManager[None]:
+        return redis_errors("job queue's", self._where)
 
 
 class CancelSubscription:
@@ -594,6 +581,43 @@ class CancelSubscription:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- connections (shared by every cluster module) ---------------------------------------------------------------
+
+
+def redis_where(client: redis.Redis | redis.asyncio.Redis) -> str:
+    """host:port of a client's Redis, for error messages."""
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+@contextmanager
+def redis_errors(whose: str, where: str) -> Iterator[None]:
+    """Connection trouble as QueueUnavailable (503), naming whose Redis it is ("job queue's"). Works around
+    ``await`` too: the error is raised in the awaiting frame."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        # BusyLoadingError (Redis still reading its AOF after a restart) is a ConnectionError too.
+        raise QueueUnavailable(
+            f"the {whose} Redis ({where}) is unavailable: {error}", headers={"Retry-After": "5"}
+        ) from error
+
+
+def client_options(socket_timeout_s: float) -> dict[str, Any]:
+    """Short timeouts for every cluster client (each ``connect`` adds a brief retry with ``retry_backoff``), so a
+    Redis that is down shows as QueueUnavailable within about a second instead of redis-py's default backoff of up
+    to 10 s per retry."""
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": min(socket_timeout_s, 2.0),
+        "health_check_interval": 30,
+    }
+
+
+def retry_backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=0.5, base=0.05)
 
 
 def _check_priority(priority: int) -> None:

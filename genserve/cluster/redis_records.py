@@ -61,7 +61,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import fields
 from typing import Any, cast
 
@@ -69,10 +69,15 @@ import redis
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from genserve.cluster.redis_queue import QueueUnavailable
+from genserve.cluster.redis_queue import (
+    QueueUnavailable,
+    client_options,
+    redis_errors,
+    redis_where,
+    retry_backoff,
+)
 from genserve.jobs import JobEvent
 from genserve.store import JSON_COLUMNS, JobRecord
 
@@ -281,41 +286,6 @@ return id
 """
 
 
-# --- connections ---------------------------------------------------------------------------------------------------
-
-
-def _where(client: redis.Redis | redis.asyncio.Redis) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-
-
-@contextmanager
-def _redis_errors(what: str, where: str) -> Iterator[None]:
-    """Connection trouble as QueueUnavailable (503). Works around ``await`` too: the error is raised in the
-    awaiting frame."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        raise QueueUnavailable(
-            f"the {what}' Redis ({where}) is unavailable: {error}", headers={"Retry-After": "5"}
-        ) from error
-
-
-def _client_options(socket_timeout_s: float) -> dict[str, Any]:
-    """As ``RedisJobQueue.connect``: short timeouts (and, from each ``connect``, a brief retry with ``_backoff``),
-    so a Redis that is down shows as QueueUnavailable within about a second. The retry may re-send a command
-    whose reply was lost: a re-sent ``publish`` appends the event twice (a repeated kind with the next seq)."""
-    return {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": min(socket_timeout_s, 2.0),
-        "health_check_interval": 30,
-    }
-
-
-def _backoff() -> ExponentialBackoff:
-    return ExponentialBackoff(cap=0.5, base=0.05)
-
-
 # --- records -------------------------------------------------------------------------------------------------------
 
 
@@ -327,7 +297,7 @@ class RedisJobRecords:
         """``client`` must not decode responses (records are decoded column by column here)."""
         self._client = client
         self.prefix = prefix
-        self._where = _where(client)
+        self._where = redis_where(client)
         self._insert = client.register_script(_RECORDS_PRELUDE + _INSERT)
         self._apply = client.register_script(_RECORDS_PRELUDE + _APPLY)
         self._delete = client.register_script(_RECORDS_PRELUDE + _DELETE)
@@ -336,7 +306,7 @@ class RedisJobRecords:
 
     @classmethod
     def connect(cls, url: str, *, socket_timeout_s: float = 5.0, prefix: str = "genserve:") -> RedisJobRecords:
-        client = redis.Redis.from_url(url, retry=Retry(_backoff(), retries=2), **_client_options(socket_timeout_s))
+        client = redis.Redis.from_url(url, retry=Retry(retry_backoff(), retries=2), **client_options(socket_timeout_s))
         return cls(client, prefix=prefix)
 
     def insert(self, record: JobRecord) -> None:
@@ -414,7 +384,7 @@ class RedisJobRecords:
         return f"{self.prefix}job:{job_id}"
 
     def _errors(self) -> AbstractContextManager[None]:
-        return _redis_errors("job records", self._where)
+        return redis_errors("job records'", self._where)
 
 
 def _index_name(status: str | None, owner: str | None) -> str:
@@ -498,17 +468,20 @@ class RedisJobEvents(_EventStreams):
         """``settings``: prefix, ttl_s, unfinished_ttl_s, max_events, max_block_s (see _EventStreams)."""
         super().__init__(**settings)
         self._client = client
-        self._where = _where(client)
+        self._where = redis_where(client)
         self._publish = client.register_script(_PUBLISH)
 
     @classmethod
     def connect(cls, url: str, *, socket_timeout_s: float = 5.0, **options: Any) -> RedisJobEvents:
-        client = redis.Redis.from_url(url, retry=Retry(_backoff(), retries=2), **_client_options(socket_timeout_s))
+        client = redis.Redis.from_url(url, retry=Retry(retry_backoff(), retries=2), **client_options(socket_timeout_s))
         options.setdefault("max_block_s", max(0.05, socket_timeout_s - 1.0))
         return cls(client, **options)
 
     def publish(self, job_id: str, kind: str, data: Mapping[str, Any], at: float | None = None) -> str:
-        """Append an event; returns its stream id ("<seq>-0"). ``at``: when it happened (default: now)."""
+        """Append an event; returns its stream id ("<seq>-0"). ``at``: when it happened (default: now).
+
+        The client's brief retry may re-send a publish whose reply was lost: the event is then appended twice (the
+        same kind again, with the next seq)."""
         with self._errors():
             entry_id = self._publish(keys=[self.key(job_id)], args=self._publish_args(kind, data, at))
         return cast(bytes, entry_id).decode()
@@ -545,7 +518,7 @@ class RedisJobEvents(_EventStreams):
         self._client.close()
 
     def _errors(self) -> AbstractContextManager[None]:
-        return _redis_errors("job events", self._where)
+        return redis_errors("job events'", self._where)
 
 
 class AsyncRedisJobEvents(_EventStreams):
@@ -556,13 +529,13 @@ class AsyncRedisJobEvents(_EventStreams):
         """``settings``: prefix, ttl_s, unfinished_ttl_s, max_events, max_block_s (see _EventStreams)."""
         super().__init__(**settings)
         self._client = client
-        self._where = _where(client)
+        self._where = redis_where(client)
         self._publish = client.register_script(_PUBLISH)
 
     @classmethod
     def connect(cls, url: str, *, socket_timeout_s: float = 5.0, **options: Any) -> AsyncRedisJobEvents:
         client = redis.asyncio.Redis.from_url(
-            url, retry=AsyncRetry(_backoff(), retries=2), **_client_options(socket_timeout_s)
+            url, retry=AsyncRetry(retry_backoff(), retries=2), **client_options(socket_timeout_s)
         )
         options.setdefault("max_block_s", max(0.05, socket_timeout_s - 1.0))
         return cls(client, **options)
@@ -602,4 +575,4 @@ class AsyncRedisJobEvents(_EventStreams):
         await self._client.aclose()
 
     def _errors(self) -> AbstractContextManager[None]:
-        return _redis_errors("job events", self._where)
+        return redis_errors("job events'", self._where)
