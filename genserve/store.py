@@ -11,6 +11,9 @@ a writer waits for another only inside SQLite, with a busy timeout). There is no
 state changes come from one writer thread (``genserve.persistence``), reads from the HTTP thread pool, retention
 from its own thread in short batches. The only lock here guards the in-memory count of images being served, which
 retention skips.
+
+The files are ``FileStore``'s and the records ``ResultStore``'s, so that a cluster node
+(``genserve.cluster.store.ClusterStore``) keeps the same files and serving rules with its records in Redis.
 """
 
 from __future__ import annotations
@@ -117,19 +120,90 @@ _FINISHED = "status NOT IN ('queued', 'running')"
 BUSY_TIMEOUT_MS = 30_000  # how long a connection waits for another's write transaction before it errors
 
 
-class ResultStore:
-    def __init__(self, root: Path) -> None:
+class FileStore:
+    """The file half of a store: output images, job inputs, and which images are being served right now.
+
+    ``ResultStore`` adds the SQLite records; a cluster node's ``genserve.cluster.store.ClusterStore`` adds records
+    in Redis. ``inputs_root`` replaces ``root / "inputs"``: in a cluster ``root`` may be a folder every node shares,
+    and ``remove_all_inputs`` at a node's start must not delete the inputs of jobs other nodes are running."""
+
+    def __init__(self, root: Path, inputs_root: Path | None = None) -> None:
         self.root = root
         self.images = root / "images"
-        self.inputs = root / "inputs"
+        self.inputs = inputs_root if inputs_root is not None else root / "inputs"
         self.images.mkdir(parents=True, exist_ok=True)
         self.inputs.mkdir(parents=True, exist_ok=True)
+        self._serving: Counter[str] = Counter()
+        self._serving_lock = threading.Lock()
+
+    # --- paths ---------------------------------------------------------------------------------------------------
+
+    def image_path(self, job_id: str) -> Path:
+        # Two-character fan-out keeps folders small on a busy server.
+        return self.images / job_id[:2] / f"{job_id}.png"
+
+    def input_dir(self, job_id: str) -> Path:
+        return self.inputs / job_id
+
+    # --- job inputs ----------------------------------------------------------------------------------------------
+
+    def write_inputs(self, job_id: str, images: Mapping[str, RawImage]) -> dict[str, ImageFile]:
+        """Write a job's decoded input pixels for its worker; returns the file reference per field."""
+        if not images:
+            return {}
+        folder = self.input_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, ImageFile] = {}
+        for name, raw in images.items():
+            path = folder / f"{name}.raw"
+            path.write_bytes(raw.data)
+            files[name] = ImageFile(path=str(path), width=raw.width, height=raw.height, mode=raw.mode)
+        return files
+
+    def remove_inputs(self, job_id: str) -> None:
+        shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
+
+    def remove_all_inputs(self) -> None:
+        """At start: inputs of jobs a previous process never finished (they are marked failed)."""
+        shutil.rmtree(self.inputs, ignore_errors=True)
+        self.inputs.mkdir(parents=True, exist_ok=True)
+
+    # --- serving -------------------------------------------------------------------------------------------------
+
+    def acquire(self, job_id: str) -> Path:
+        """Hold an image while it is sent (retention leaves it alone); pair with release()."""
+        with self._serving_lock:
+            self._serving[job_id] += 1
+        return self.image_path(job_id)
+
+    def release(self, job_id: str) -> None:
+        with self._serving_lock:
+            self._serving[job_id] -= 1
+            if self._serving[job_id] <= 0:
+                del self._serving[job_id]
+
+    def _is_served(self, job_id: str) -> bool:
+        with self._serving_lock:
+            return job_id in self._serving
+
+    def _remove_stale_temporaries(self, now: float) -> None:
+        for temporary in self.images.glob("*/.*.tmp"):
+            try:
+                if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
+                    temporary.unlink()
+            except OSError:
+                pass
+
+
+class ResultStore(FileStore):
+    """Job records in SQLite (see the module docstring) on top of the files of ``FileStore``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
         self._path = root / "jobs.sqlite3"
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()  # guards the list above (closing at shutdown)
-        self._serving: Counter[str] = Counter()
-        self._serving_lock = threading.Lock()
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         conn.executescript(SCHEMA)
@@ -164,38 +238,6 @@ class ResultStore:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
-
-    # --- paths ---------------------------------------------------------------------------------------------------
-
-    def image_path(self, job_id: str) -> Path:
-        # Two-character fan-out keeps folders small on a busy server.
-        return self.images / job_id[:2] / f"{job_id}.png"
-
-    def input_dir(self, job_id: str) -> Path:
-        return self.inputs / job_id
-
-    # --- job inputs ----------------------------------------------------------------------------------------------
-
-    def write_inputs(self, job_id: str, images: Mapping[str, RawImage]) -> dict[str, ImageFile]:
-        """Write a job's decoded input pixels for its worker; returns the file reference per field."""
-        if not images:
-            return {}
-        folder = self.input_dir(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        files: dict[str, ImageFile] = {}
-        for name, raw in images.items():
-            path = folder / f"{name}.raw"
-            path.write_bytes(raw.data)
-            files[name] = ImageFile(path=str(path), width=raw.width, height=raw.height, mode=raw.mode)
-        return files
-
-    def remove_inputs(self, job_id: str) -> None:
-        shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
-
-    def remove_all_inputs(self) -> None:
-        """At start: inputs of jobs a previous process never finished (they are marked failed)."""
-        shutil.rmtree(self.inputs, ignore_errors=True)
-        self.inputs.mkdir(parents=True, exist_ok=True)
 
     # --- records -------------------------------------------------------------------------------------------------
 
@@ -256,23 +298,7 @@ class ResultStore:
         )
         return cursor.rowcount
 
-    # --- serving and retention -----------------------------------------------------------------------------------
-
-    def acquire(self, job_id: str) -> Path:
-        """Hold an image while it is sent (retention leaves it alone); pair with release()."""
-        with self._serving_lock:
-            self._serving[job_id] += 1
-        return self.image_path(job_id)
-
-    def release(self, job_id: str) -> None:
-        with self._serving_lock:
-            self._serving[job_id] -= 1
-            if self._serving[job_id] <= 0:
-                del self._serving[job_id]
-
-    def _is_served(self, job_id: str) -> bool:
-        with self._serving_lock:
-            return job_id in self._serving
+    # --- retention -----------------------------------------------------------------------------------------------
 
     def cleanup(self, max_age_s: float, max_total_bytes: int, now: float | None = None) -> CleanupReport:
         """Delete finished jobs older than max_age_s, then the oldest images while the total is over the cap.
@@ -338,14 +364,6 @@ class ResultStore:
                 self.image_path(job_id).unlink(missing_ok=True)
             report.deleted_jobs += 1
             report.deleted_bytes += size
-
-    def _remove_stale_temporaries(self, now: float) -> None:
-        for temporary in self.images.glob("*/.*.tmp"):
-            try:
-                if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
-                    temporary.unlink()
-            except OSError:
-                pass
 
 
 STALE_TEMPORARY_S = 3600.0  # a worker killed mid-write leaves ".<id>.png.<pid>.tmp" behind

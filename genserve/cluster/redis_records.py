@@ -29,15 +29,15 @@ record between indexes atomically, even with every node writing at once. The scr
 the prefix (they cannot be listed in KEYS ahead of time), so they need a single Redis (or Sentinel), not a Redis
 Cluster.
 
-Retention: ``expire_finished`` deletes finished records older than a cutoff, from their hash and every index in
-the same script, oldest first in pages of ``batch``; every node's retention thread may call it at once. Records
-get no Redis TTL: a key that expires on its own leaves its id behind in four indexes, so totals would be wrong
-and every page would have to repair them until someone swept — while the retention thread already runs on every
-node and deletes hash and index entries together. An index can still point at a vanished hash (a key evicted
-under ``maxmemory``, a manual DEL, a script Redis aborted half-way): ``list`` skips such ids, removes them from
-the index it reads (and from ``jobs:all`` and ``jobs:finished``), and fills the page from the next ones;
-``expire_finished`` drops those it meets. Set ``maxmemory-policy noeviction`` for Redis anyway: the queue's keys
-must not be evicted either.
+Retention: ``expire_finished_ids`` deletes finished records older than a cutoff and says which (with their
+image_bytes, so the caller deletes their images), from their hash and every index in the same script, oldest first
+in pages of ``batch``; every node's retention thread may call it at once. Records get no Redis TTL: a key that
+expires on its own leaves its id behind in four indexes, so totals would be wrong and every page would have to
+repair them until someone swept — while the retention thread already runs on every node and deletes hash and index
+entries together. An index can still point at a vanished hash (a key evicted under ``maxmemory``, a manual DEL, a
+script Redis aborted half-way): ``list`` skips such ids, removes them from the index it reads (and from
+``jobs:all`` and ``jobs:finished``), and fills the page from the next ones; ``expire_finished_ids`` drops those it
+meets. Set ``maxmemory-policy noeviction`` for Redis anyway: the queue's keys must not be evicted either.
 
 Events: ``publish`` appends with ``MAXLEN ~`` (a few more than the cap may stay: trimming is by whole nodes); a
 terminal event (completed, failed, canceled) sets the stream's TTL to ``ttl_s`` (results retention: a client may
@@ -91,6 +91,11 @@ RETENTION_BATCH = 500  # records one expire_finished script deletes: Redis serve
 DEFAULT_TTL_S = 168 * 3600.0  # results.max_age_hours' default: a finished job's events live as long as its record
 DEFAULT_UNFINISHED_TTL_S = 30 * 86400.0  # a stream whose job never ended goes after a month without an event
 DEFAULT_MAX_EVENTS = 1000  # entries a job's stream keeps (approximately); a 50-step job makes about 55
+
+
+# (id, image_bytes) of each record retention deleted; a type of its own because ``list`` is a method's name inside
+# RedisJobRecords.
+ExpiredRecords = list[tuple[str, int | None]]
 
 
 # --- columns -------------------------------------------------------------------------------------------------------
@@ -259,18 +264,23 @@ return out
 """
 
 # ARGV: prefix, minus the cutoff time (ids scored above it were submitted before it), batch.
-# Returns {ids looked at, records deleted}: fewer ids than the batch means this was the last page.
+# Returns {ids looked at, id, image_bytes, id, image_bytes …} with one pair per record deleted (image_bytes false,
+# a nil in the reply, when the job stored no image): fewer ids looked at than the batch means this was the last page.
 _EXPIRE = """
 local FINISHED = P .. 'jobs:finished'
 local ids = redis.call('ZREVRANGEBYSCORE', FINISHED, '+inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-local deleted = 0
+local out = {#ids}
 for _, id in ipairs(ids) do
-  if unindex(id) then deleted = deleted + 1 end
+  local image_bytes = redis.call('HGET', job_key(id), 'image_bytes')
+  if unindex(id) then
+    out[#out + 1] = id
+    out[#out + 1] = image_bytes
+  end
   redis.call('ZREM', FINISHED, id)  -- a dangling id (its hash gone): unindex could not find its indexes
   redis.call('ZREM', P .. 'jobs:all', id)
   redis.call('DEL', job_key(id))
 end
-return {#ids, deleted}
+return out
 """
 
 # KEYS: the job's stream. ARGV: kind, data (JSON), at, max entries, TTL in ms. Returns the new entry's id.
@@ -356,20 +366,28 @@ class RedisJobRecords:
             return int(self._client.zcard(self.prefix + "jobs:all"))
 
     def expire_finished(self, max_age_s: float, now: float | None = None, batch: int = RETENTION_BATCH) -> int:
+        """Delete the finished records submitted more than ``max_age_s`` ago; returns how many went (see
+        ``expire_finished_ids``)."""
+        return len(self.expire_finished_ids(max_age_s, now, batch))
+
+    def expire_finished_ids(
+        self, max_age_s: float, now: float | None = None, batch: int = RETENTION_BATCH
+    ) -> ExpiredRecords:
         """Delete the finished records submitted more than ``max_age_s`` ago (the store's retention rule), oldest
-        first, ``batch`` per script; queued and running ones stay whatever their age. Returns how many went.
-        Any number of nodes may run it at once. The images of those jobs are the results backend's to delete."""
+        first, ``batch`` per script; queued and running ones stay whatever their age. Returns the id and
+        image_bytes of each record this call deleted, so the caller can delete their images (the results
+        backend's, not this module's). Any number of nodes may run it at once: each record goes to exactly one."""
         now = time.time() if now is None else now
         minus_cutoff = repr(-(now - max_age_s))
-        deleted = 0
+        deleted: ExpiredRecords = []
         while True:
             with self._errors():
-                looked_at, dropped = self._expire(args=[self.prefix, minus_cutoff, batch])
-            deleted += int(dropped)
+                looked_at, *pairs = self._expire(args=[self.prefix, minus_cutoff, batch])
+            deleted += _expired_pairs(pairs)
             if int(looked_at) < batch:
                 break
         if deleted:
-            log.info("retention deleted %d job record(s) from Redis", deleted)
+            log.info("retention deleted %d job record(s) from Redis", len(deleted))
         return deleted
 
     def ping(self) -> None:
@@ -385,6 +403,14 @@ class RedisJobRecords:
 
     def _errors(self) -> AbstractContextManager[None]:
         return redis_errors("job records'", self._where)
+
+
+def _expired_pairs(flat: Sequence[bytes | None]) -> ExpiredRecords:
+    """The expire script's flat [id, image_bytes, …] reply as (id, image_bytes) pairs."""
+    return [
+        (cast(bytes, flat[i]).decode(), None if flat[i + 1] is None else int(cast(bytes, flat[i + 1])))
+        for i in range(0, len(flat), 2)
+    ]
 
 
 def _index_name(status: str | None, owner: str | None) -> str:

@@ -202,6 +202,28 @@ def test_retention_drops_old_finished_records_from_hashes_and_indexes(records: R
     assert records.expire_finished(max_age_s=3600, now=now) == 0
 
 
+def test_retention_names_each_record_it_deleted_with_its_image_bytes(records: RedisJobRecords) -> None:
+    now = 1_700_100_000.0
+    rng = random.Random(4)
+    sizes = {"completed": 1234, "failed": None, "canceled": None, "queued": None, "running": None}
+    for i, status in enumerate(STATUSES * 3):  # 15 records, all old: the 9 finished ones go
+        records.insert(make_record(i, rng, status=status, submitted_at=now - 7200 - i, image_bytes=sizes[status]))
+    records.insert(make_record(99, rng, status="completed", submitted_at=now - 60, image_bytes=5))  # recent: stays
+    records._client.delete(records._job_key("job-002"))  # a dangling index entry: dropped, but not reported
+
+    expired = records.expire_finished_ids(max_age_s=3600, now=now, batch=4)
+    expected = {
+        (f"job-{i:03d}", sizes[status])
+        for i, status in enumerate(STATUSES * 3)
+        if status not in ("queued", "running") and i != 2
+    }
+    assert len(expired) == len(expected) == 8 and set(expired) == expected
+    assert sum(size or 0 for _, size in expired) == 2 * 1234 and all(records.get(i) is None for i, _ in expired)
+    kept, total = records.list(limit=-1)
+    assert total == records.count() == 7 and {record.status for record in kept} == {"queued", "running", "completed"}
+    assert records.expire_finished_ids(max_age_s=3600, now=now) == []
+
+
 def test_list_skips_and_cleans_ids_whose_hash_vanished(records: RedisJobRecords) -> None:
     rng = random.Random(5)
     for i in range(8):
