@@ -97,6 +97,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="YAML config file (default: $GENSERVE_CONFIG, else ./config.yaml when present, else built-in defaults)",
     )
+    parser.add_argument(
+        "--role",
+        choices=("all", "api", "worker"),
+        help="cluster role (overrides cluster.role; api and worker need cluster.backend redis): api serves HTTP only, "
+        "worker runs workers fed from the cluster queue, all is both",
+    )
     parser.add_argument("--version", action="version", version=f"genserve {__version__}")
     return parser.parse_args(argv)
 
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
     args = _parse_args(arguments)
     try:
         path = resolve_config_path(args.config)
-        config = load_config(path)
+        config = load_config(path, role=args.role)
     except ConfigError as exc:
         print(f"genserve: {exc}", file=sys.stderr)
         return 2

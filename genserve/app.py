@@ -17,12 +17,16 @@ from starlette.middleware.cors import CORSMiddleware
 
 from genserve import __version__
 from genserve.auth import OPEN_PATHS, KeyRing, authorize
+from genserve.cluster.dispatcher import ClusterDispatcher
+from genserve.cluster.node import WorkerNode
+from genserve.cluster.wiring import ClusterParts
 from genserve.config import Config, ConfigError, expand_path
 from genserve.devices import resolve_devices
 from genserve.docs import install_docs
 from genserve.http_errors import install_error_handlers
 from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
+from genserve.messages import Mode
 from genserve.metrics import Metrics
 from genserve.middleware import BodyCap, BodySizeLimit
 from genserve.request_log import RequestLog
@@ -30,8 +34,9 @@ from genserve.retention import Retention
 from genserve.routes import compat, loras, native, openai, process
 from genserve.routes import jobs as jobs_routes
 from genserve.routes import metrics as metrics_routes
+from genserve.routes import node as node_routes
 from genserve.routes.ui import install_ui
-from genserve.service import EXIT_WORKERS_FAILED, Service, StopControl
+from genserve.service import EXIT_WORKERS_FAILED, NodeService, Service, StopControl
 from genserve.startup_checks import hardware_problems
 from genserve.store import ResultStore
 from genserve.supervisor import Supervisor, WorkerTarget
@@ -42,49 +47,34 @@ log = logging.getLogger(__name__)
 def create_app(
     config: Config, *, devices: list[str] | None = None, worker_target: WorkerTarget | None = None
 ) -> FastAPI:
+    """The service's app: on one machine, or a node of a cluster (cluster.backend redis) in its role."""
+    if config.clustered and not config.serves_api:
+        return create_worker_node_app(config, devices=devices, worker_target=worker_target)
     keyring = KeyRing.from_config(config)
     _warn_if_exposed(config, keyring)
     modes, notes = config.served_modes()
     for note in notes:
         log.warning(note)
-    devices = devices if devices is not None else resolve_devices(config)
-    problems = hardware_problems(config, devices)
-    if problems:
-        raise ConfigError("settings this hardware cannot run: " + "; ".join(problems))
-    store = ResultStore(expand_path(config.results.dir))
-    interrupted = store.fail_interrupted()
-    if interrupted:
-        log.warning("%d job(s) were queued or running when the service last stopped: marked failed", interrupted)
-    store.remove_all_inputs()
     stop = StopControl()
-    supervisor = Supervisor(
-        config,
-        devices,
-        modes,
-        worker_target=worker_target,
-        on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
+    service = (
+        _cluster_service(config, modes, stop, devices, worker_target)
+        if config.clustered
+        else _local_service(config, modes, stop, devices, worker_target)
     )
-    jobs = JobManager(config, store, supervisor)
-    metrics = Metrics(supervisor, modes, config.defaults.priority)
-    jobs.listeners.append(metrics.on_job_event)
-    catalogue = LoraCatalogue.from_config(config)  # reads nothing until a request needs it
-    service = Service(
-        config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop, loras=catalogue
-    )
+    metrics = Metrics(service.supervisor, modes, config.defaults.priority)
+    service.jobs.listeners.append(metrics.on_job_event)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if config.uses_embedded_model:
+        if config.uses_embedded_model and config.runs_workers:
             log.warning(
                 "model.path is empty: serving the EMBEDDED RANDOM-WEIGHT TEST MODEL (images are noise); "
                 "point model.path at a FLUX.1-dev folder for real images"
             )
         if config.server.metrics_port:  # first: a port that cannot be bound stops the start before any worker
             metrics.serve_on_port(config.server.host, config.server.metrics_port)
-        log.info("starting %d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
-        jobs.start()
-        supervisor.start()
-        retention = Retention(config, store)
+        service.start()
+        retention = Retention(config, service.store)
         retention.start()
         try:
             yield
@@ -131,6 +121,124 @@ def create_app(
     app.include_router(loras.router)
     install_docs(app, model_id=config.model.id, keys_enabled=keyring.enabled, open_paths=OPEN_PATHS)
     app.include_router(metrics_routes.router)
+    return app
+
+
+def _local_service(
+    config: Config,
+    modes: tuple[Mode, ...],
+    stop: StopControl,
+    devices: list[str] | None,
+    worker_target: WorkerTarget | None,
+) -> Service:
+    """One machine: the supervisor's in-process queue, SQLite records."""
+    supervisor = _supervisor(config, modes, stop, devices, worker_target)
+    store = ResultStore(expand_path(config.results.dir))
+    interrupted = store.fail_interrupted()
+    if interrupted:
+        log.warning("%d job(s) were queued or running when the service last stopped: marked failed", interrupted)
+    store.remove_all_inputs()
+    jobs = JobManager(config, store, supervisor)
+    catalogue = LoraCatalogue.from_config(config)  # reads nothing until a request needs it
+    return Service(
+        config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop, loras=catalogue
+    )
+
+
+def _cluster_service(
+    config: Config,
+    modes: tuple[Mode, ...],
+    stop: StopControl,
+    devices: list[str] | None,
+    worker_target: WorkerTarget | None,
+) -> Service:
+    """An API node of a cluster (role api), with a worker node in the same process (role all)."""
+    cluster = ClusterParts.connect(config)
+    dispatcher = ClusterDispatcher(
+        config, cluster.queue, cluster.ledger, cluster.follower(), cluster.directory, cluster.node_id
+    )
+    node = _worker_node(config, cluster, modes, stop, devices, worker_target) if config.runs_workers else None
+    cluster.store.remove_all_inputs()  # this node's own inputs folder: another node's are elsewhere
+    jobs = JobManager(config, cluster.store, dispatcher, cluster=dispatcher)
+    log.info("cluster node %s (role %s) on Redis %s", cluster.node_id, config.cluster.role, cluster.queue.where)
+    return Service(
+        config=config,
+        modes=modes,
+        supervisor=dispatcher,
+        jobs=jobs,
+        store=cluster.store,
+        stop=stop,
+        loras=LoraCatalogue.from_config(config),
+        node=node,
+        cluster=cluster,
+    )
+
+
+def _supervisor(
+    config: Config,
+    modes: tuple[Mode, ...],
+    stop: StopControl,
+    devices: list[str] | None,
+    worker_target: WorkerTarget | None,
+) -> Supervisor:
+    devices = devices if devices is not None else resolve_devices(config)
+    problems = hardware_problems(config, devices)
+    if problems:
+        raise ConfigError("settings this hardware cannot run: " + "; ".join(problems))
+    log.info("%d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
+    return Supervisor(
+        config,
+        devices,
+        modes,
+        worker_target=worker_target,
+        on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
+    )
+
+
+def _worker_node(
+    config: Config,
+    cluster: ClusterParts,
+    modes: tuple[Mode, ...],
+    stop: StopControl,
+    devices: list[str] | None,
+    worker_target: WorkerTarget | None,
+) -> WorkerNode:
+    supervisor = _supervisor(config, modes, stop, devices, worker_target)
+    return WorkerNode(
+        config, supervisor, cluster.queue, cluster.ledger, cluster.directory, cluster.store, cluster.node_id
+    )
+
+
+def create_worker_node_app(
+    config: Config, *, devices: list[str] | None = None, worker_target: WorkerTarget | None = None
+) -> FastAPI:
+    """A worker node (cluster.role worker): its supervisor and workers, fed from the cluster queue. Its HTTP port
+    serves only its own health: /health, /ready (a worker loaded and Redis reachable) and /status (its pool)."""
+    modes, notes = config.served_modes()
+    for note in notes:
+        log.warning(note)
+    stop = StopControl()
+    cluster = ClusterParts.connect(config)
+    node = _worker_node(config, cluster, modes, stop, devices, worker_target)
+    service = NodeService(config=config, node=node, cluster=cluster, stop=stop)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.uses_embedded_model:
+            log.warning(
+                "model.path is empty: this node serves the EMBEDDED RANDOM-WEIGHT TEST MODEL (images are noise)"
+            )
+        cluster.store.remove_all_inputs()
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(title="GenServe worker node", version=__version__, lifespan=lifespan, openapi_url=None)
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(node_routes.router)
     return app
 
 

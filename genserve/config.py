@@ -69,6 +69,9 @@ ENV_SHORTCUTS: dict[str, tuple[str, str]] = {
     "GENSERVE_MAX_QUEUE_SIZE": ("queue", "max_size"),
     "GENSERVE_API_KEYS_FILE": ("auth", "keys_file"),
     "GENSERVE_WEBHOOK_SECRET": ("webhooks", "secret"),
+    "GENSERVE_REDIS_URL": ("cluster", "redis_url"),
+    "GENSERVE_ROLE": ("cluster", "role"),
+    "GENSERVE_NODE_ID": ("cluster", "node_id"),
 }
 # GENSERVE_API_KEYS="name:key:scope,scope;name2:key2:scope" adds keys (parsed below, never logged).
 ENV_API_KEYS = "GENSERVE_API_KEYS"
@@ -387,6 +390,11 @@ class ResultsConfig(_Section):
     max_age_hours: float = Field(168.0, gt=0, description="Jobs and images older than this are deleted.")
     max_total_gb: float = Field(20.0, gt=0, description="Oldest images are deleted while the store is larger.")
     cleanup_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="Where finished images live with cluster.backend redis: 'local' is results.dir (in a cluster, a "
+        "folder every node mounts at the same path), 'redis' stores each image in Redis for results.max_age_hours.",
+    )
     embed_parameters: bool = Field(
         True,
         description="Write the generation parameters into each image: a PNG 'parameters' text chunk (the convention "
@@ -559,6 +567,38 @@ class LorasConfig(_Section):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+class ClusterConfig(_Section):
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="'local': one machine, the in-process queue and SQLite. 'redis': the queue, job records, events "
+        "and cancellation live in Redis (cluster.redis_url), so many nodes share them.",
+    )
+    role: Literal["all", "api", "worker"] = Field(
+        "all",
+        description="'api' serves HTTP only; 'worker' runs a supervisor and its workers, with HTTP for its own "
+        "health; 'all' is both. Only 'all' exists with backend local.",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="The cluster's Redis (GENSERVE_REDIS_URL).")
+    prefix: str = Field(
+        "genserve:", min_length=1, description="Prefix of every Redis key: clusters sharing one Redis differ in it."
+    )
+    node_id: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_.:-]{0,64}$",
+        description="This node's name in /status and on its leases; empty: the host name and process id.",
+    )
+    lease_s: float = Field(
+        5.0,
+        ge=0.5,
+        description="A running job's lease: its node renews it every lease_s/3; a node silent for lease_s is dead "
+        "and its jobs go back to the queue (once).",
+    )
+    node_report_s: float = Field(1.0, gt=0, description="How often a worker node publishes its pool for /status.")
+    socket_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait on one Redis command before it counts as down."
+    )
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -577,6 +617,17 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     loras: LorasConfig = Field(default_factory=LorasConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _roles_need_redis(self) -> Config:
+        if self.cluster.backend == "local" and self.cluster.role != "all":
+            raise ValueError(
+                f"cluster.role {self.cluster.role!r} needs cluster.backend redis: one machine runs API and workers"
+            )
+        if self.cluster.backend == "local" and self.results.backend == "redis":
+            raise ValueError("results.backend redis needs cluster.backend redis")
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Config:
@@ -623,6 +674,18 @@ class Config(_Section):
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(enabled=self.loras.enabled, max_loaded=self.loras.max_loaded)
+
+    @property
+    def clustered(self) -> bool:
+        return self.cluster.backend == "redis"
+
+    @property
+    def serves_api(self) -> bool:
+        return self.cluster.role in ("all", "api")
+
+    @property
+    def runs_workers(self) -> bool:
+        return self.cluster.role in ("all", "worker")
 
     @property
     def uses_embedded_model(self) -> bool:
@@ -728,8 +791,11 @@ def resolve_config_path(cli_path: str | None, environ: Mapping[str, str] | None 
     return default if default.is_file() else None
 
 
-def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the configuration. Raises ConfigError naming the bad key."""
+def load_config(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None, role: str | None = None
+) -> Config:
+    """Load and validate the configuration. Raises ConfigError naming the bad key. ``role``: the command line's
+    --role, which wins over the file and the environment."""
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is not None:
@@ -746,6 +812,8 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded
     data = _merge(data, _env_overrides(environ))
+    if role is not None:
+        data = _merge(data, {"cluster": {"role": role}})
     env_keys = _env_api_keys(environ)
     if env_keys:  # added to the file's keys, not instead of them
         auth = dict(data.get("auth") or {})

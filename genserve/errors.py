@@ -140,3 +140,21 @@ class DeviceError(JobFailed):
     """A fatal device error (illegal memory access, device-side assert): the job failed and its worker restarts."""
 
     error_type = "device_error"
+
+
+# The errors a job can end with, by error_type: a cluster node that learns of a job's end from another node (an
+# event on Redis carries only the type and message) raises the same class, so the client gets the same status.
+JOB_ERRORS: dict[str, type[GenServeError]] = {
+    cls.error_type: cls
+    for cls in (JobTimeout, JobCanceled, JobFailed, OutOfMemory, DeviceError, WorkerDied, ShuttingDown)
+}
+
+
+def job_error(error_type: str, message: str) -> GenServeError:
+    """The error a job ended with, rebuilt from its type and message (an unknown type: a 500 of that type)."""
+    cls = JOB_ERRORS.get(error_type)
+    if cls is not None:
+        return cls(message)
+    error = GenServeError(message)
+    error.error_type = error_type
+    return error

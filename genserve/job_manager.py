@@ -18,29 +18,35 @@ A thread holding a later lock never takes an earlier one. SQLite has no Python l
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from genserve import logs
 from genserve.auth import ANYONE, Caller
+from genserve.cluster.mirror import mirror_of_record
 from genserve.config import Config
 from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
 from genserve.jobs import Job, JobEvent, JobListener, JobState, result_json
 from genserve.messages import CancelReason
 from genserve.persistence import PersistenceWriter
+from genserve.pool import JobPool
 from genserve.prepare import PreparedJob
-from genserve.store import JobRecord, ResultStore
-from genserve.supervisor import Supervisor
+from genserve.store import JobRecord, JobStore
 from genserve.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
 
 class JobManager:
-    def __init__(self, config: Config, store: ResultStore, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, store: JobStore, supervisor: JobPool, *, cluster: Adopter | None = None) -> None:
+        """``cluster``: on an API node of a cluster (genserve.cluster), the dispatcher that mirrors jobs. The nodes
+        that run the jobs write their records then; this manager only inserts them, and mirrors a job submitted
+        through another API node when a client asks about it here."""
         self.config = config
+        self.cluster = cluster
         self.store = store
         self.supervisor = supervisor
         self.writer = PersistenceWriter(store)
@@ -164,6 +170,10 @@ class JobManager:
 
     def _on_event(self, job: Job, event: JobEvent) -> None:
         """Listener (any thread, job lock held): hand the record change to the writer; progress is not stored."""
+        if self.cluster is not None:  # the node that decided the change wrote the record already
+            if event.is_terminal:  # through the writer: after the webhook outcomes queued before it
+                self.writer.write(job.id, {}, after_commit=lambda: self._forget(job.id))
+            return
         if event.kind == "started":
             self.writer.write(
                 job.id,
@@ -179,7 +189,7 @@ class JobManager:
                 job.id, {"status": JobState.QUEUED.value, "started_at": None, "worker_slot": None, "device": None}
             )
         elif event.is_terminal:
-            self.writer.write(job.id, _terminal_columns(job), after_commit=lambda: self._forget(job.id))
+            self.writer.write(job.id, terminal_columns(job), after_commit=lambda: self._forget(job.id))
 
     def _forget(self, job_id: str) -> None:
         """Writer thread, after the final record is committed: the store answers for the job from now on."""
@@ -219,9 +229,35 @@ class JobManager:
         found: Job | JobRecord | None = self.live(job_id)
         if found is None:
             found = self.store.get(job_id)
+            if found is not None and self.cluster is not None and found.status in UNFINISHED:
+                found = self._mirror(found)
         if found is None or not caller.sees(found.owner):
             raise NotFound(f"no job with id {job_id!r}")
         return found
+
+    def _mirror(self, record: JobRecord) -> Job | JobRecord:
+        """A live mirror of an unfinished job submitted through another API node of the cluster, so it can be
+        followed, waited on and cancelled here too. Its events are followed from the newest one before the record
+        is read again: every later event is applied, every earlier one is in the record."""
+        assert self.cluster is not None
+        with self._lock:
+            known = self._live.get(record.id)
+        if known is not None:
+            return known
+        after = self.cluster.last_event_id(record.id)
+        fresh = self.store.get(record.id)
+        if fresh is None or fresh.status not in UNFINISHED:
+            return fresh or record
+        job = mirror_of_record(fresh)
+        with self._lock:
+            if record.id in self._live:
+                return self._live[record.id]
+            self._live[record.id] = job
+        job.add_listener(self._on_event)
+        for listener in self.listeners:
+            job.add_listener(listener)
+        self.cluster.adopt(job, after)
+        return job
 
     def view(self, job_id: str, caller: Caller = ANYONE) -> dict[str, Any]:
         found = self.find(job_id, caller)
@@ -248,12 +284,43 @@ class JobManager:
             jobs.append(self.job_view(job) if job is not None else record_view(record))
         return {"jobs": jobs, "total": total, "limit": limit, "offset": offset}
 
+    def queue_listing(self, caller: Caller = ANYONE) -> dict[str, builtins.list[dict[str, Any]]]:
+        """GET /queue: running jobs, then waiting ones with their place in line. Places count every job ahead,
+        whoever owns it; a tenant is shown only its own jobs. Blocking (store reads): thread pool."""
+        running: builtins.list[tuple[JobRecord, Job | None]]
+        if self.cluster is None:
+            running = [(record_of(job), job) for job in self.live_jobs() if job.state is JobState.RUNNING]
+        else:  # the jobs of every node
+            records, _ = self.store.list(JobState.RUNNING.value, MAX_LISTED, 0)
+            running = [(record, self.live(record.id)) for record in records]
+        pending = []
+        for position, job_id in enumerate(self.supervisor.queued_ids()[:MAX_LISTED]):
+            job = self.live(job_id)
+            record = record_of(job) if job is not None else self.store.get(job_id)
+            if record is not None and caller.sees(record.owner):
+                pending.append(
+                    {
+                        "task_id": record.id,
+                        "mode": record.mode,
+                        "priority": record.priority,
+                        "queue_position": position,
+                        "submitted_at": record.submitted_at,
+                    }
+                )
+        return {
+            "queue_running": [_running_entry(record, job) for record, job in running if caller.sees(record.owner)],
+            "queue_pending": pending,
+        }
+
     # --- cancellation --------------------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, reason: CancelReason = CancelReason.CLIENT, caller: Caller = ANYONE) -> Job:
         """Ask a live job to stop; a finished or unknown one is an error (409 / 404), and so is another key's job
         for a caller without admin (404, as unknown). Blocking: thread pool."""
         job = self.live(job_id)
+        if job is None and self.cluster is not None:
+            found = self.find(job_id, caller)  # mirrors a job another API node submitted
+            job = found if isinstance(found, Job) else None
         if job is None or job.done or not caller.sees(job.owner):
             found = self.find(job_id, caller)  # NotFound for an unknown id, or one the caller may not see
             status = found.state.value if isinstance(found, Job) else found.status
@@ -262,13 +329,40 @@ class JobManager:
         return job
 
 
+UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
+MAX_LISTED = 1000  # jobs GET /queue lists of each kind (the queue's default cap)
+
+
+def _running_entry(record: JobRecord, job: Job | None) -> dict[str, Any]:
+    entry = {
+        "task_id": record.id,
+        "mode": record.mode,
+        "priority": record.priority,
+        "worker": record.worker_slot,
+        "device": record.device,
+        "started_at": record.started_at,
+        "progress": job.progress_data() if job is not None else None,
+    }
+    if record.node is not None:
+        entry["node"] = record.node
+    return entry
+
+
+class Adopter(Protocol):
+    """What the job manager asks of a cluster's dispatcher to mirror a job submitted elsewhere."""
+
+    def last_event_id(self, job_id: str) -> str: ...
+
+    def adopt(self, job: Job, after: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Quota:
     count: int
     over: bool
 
 
-def _terminal_columns(job: Job) -> dict[str, Any]:
+def terminal_columns(job: Job) -> dict[str, Any]:
     columns: dict[str, Any] = {"status": job.state.value, "finished_at": job.finished_at}
     if job.result is not None:
         columns.update(
@@ -300,9 +394,10 @@ def record_of(job: Job) -> JobRecord:
         height=request.height,
         owner=job.owner,
         request_id=job.request_id,
+        node=job.node,
     )
     if job.done:
-        record = JobRecord(**{**asdict(record), **_terminal_columns(job)})
+        record = JobRecord(**{**asdict(record), **terminal_columns(job)})
     return record
 
 
@@ -329,6 +424,8 @@ def record_view(record: JobRecord) -> dict[str, Any]:
         "owner": record.owner,
         "request_id": record.request_id,
     }
+    if record.node is not None:  # a cluster's: the node its worker belongs to
+        view["node"] = record.node
     if record.started_at and record.finished_at:
         view["execution_time"] = round(record.finished_at - record.started_at, 4)
     if record.status == JobState.COMPLETED.value:

@@ -111,6 +111,7 @@ class Job:
     state: JobState = JobState.QUEUED
     worker_slot: int | None = None  # the worker that runs (or ran) it
     device: str | None = None
+    node: str | None = None  # the cluster node of that worker (cluster.backend redis); None on one machine
     started_at: float | None = None  # worker clock, when the worker began it
     finished_at: float | None = None
     queue_position: int | None = None  # last published place in line (0 = next)
@@ -203,7 +204,7 @@ class Job:
             self.state = JobState.QUEUED
             self.queue_position = position
             if requeued_because is not None:
-                self.worker_slot = self.device = None
+                self.worker_slot = self.device = self.node = None
                 self.started_at = None
                 self.step = self.total_steps = 0
             data = self._queued_data()
@@ -211,10 +212,11 @@ class Job:
                 data["requeued_because"] = requeued_because
             self._emit("queued", data)
 
-    def mark_dispatched(self, slot: int, device: str) -> None:
+    def mark_dispatched(self, slot: int, device: str, node: str | None = None) -> None:
         with self._lock:
             self.state = JobState.RUNNING
             self.worker_slot, self.device = slot, device
+            self.node = node or self.node
             self.queue_position = None
 
     def mark_started(self, started_at: float) -> None:
@@ -263,18 +265,22 @@ class Job:
         return {"task_id": self.id, "status": "queued", "queue_position": self.queue_position}
 
     def _started_data(self) -> dict[str, Any]:
-        return {
+        data = {
             "task_id": self.id,
             "status": "running",
             "worker": self.worker_slot,
             "device": self.device,
             "started_at": self.started_at,
         }
+        if self.node is not None:
+            data["node"] = self.node
+        return data
 
     def _terminal_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"task_id": self.id, "status": self.state.value}
         if self.result is not None:
-            data["result"] = result_json(self.id, self.result.seed, self.result.width, self.result.height)
+            result = self.result
+            data["result"] = result_json(self.id, result.seed, result.width, result.height, result.image_bytes)
             data["result_url"] = f"/image/{self.id}"
         if self.error is not None:
             data["error"] = {"type": self.error.error_type, "message": self.error.message}

@@ -34,7 +34,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from genserve.jobs import Job, JobEvent, JobState
-from genserve.supervisor import Supervisor, WorkerState
+from genserve.pool import JobPool
+from genserve.supervisor import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ OUTCOMES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELED)
 class Metrics:
     """The metrics of one app (``app.state.metrics``): its registry, what feeds it, and its optional own port."""
 
-    def __init__(self, supervisor: Supervisor, modes: Iterable[str], default_priority: int = 0) -> None:
+    def __init__(self, supervisor: JobPool, modes: Iterable[str], default_priority: int = 0) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -188,7 +189,7 @@ class Metrics:
 class PoolCollector(Collector):
     """The queue and the workers, read from the supervisor at scrape time."""
 
-    def __init__(self, supervisor: Supervisor, default_priority: int) -> None:
+    def __init__(self, supervisor: JobPool, default_priority: int) -> None:
         self.supervisor = supervisor
         self.default_priority = default_priority  # always shown, so the family is there while the queue is empty
 
@@ -223,10 +224,14 @@ class PoolCollector(Collector):
             "hangs": ("genserve_worker_hangs", "Worker processes killed as hung (no heartbeat or no step in time)."),
             "oom_failures": ("genserve_worker_oom_failures", "Jobs failed by the slot's worker with out-of-memory."),
         }
+        # In a cluster slots repeat from node to node: the node is part of what names one.
+        clustered = any("node" in worker for worker in workers)
+        labels = ["slot", "device", "node"] if clustered else ["slot", "device"]
         for field, (name, documentation) in per_slot.items():
-            family = CounterMetricFamily(name, documentation, labels=["slot", "device"])
+            family = CounterMetricFamily(name, documentation, labels=labels)
             for worker in workers:
-                family.add_metric([str(worker["slot"]), worker["device"]], worker[field])
+                values = [str(worker["slot"]), worker["device"]] + ([worker.get("node", "")] if clustered else [])
+                family.add_metric(values, worker[field])
             yield family
 
 

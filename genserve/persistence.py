@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from genserve.store import ResultStore
+from genserve.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _STOP = object()
 
 
 class PersistenceWriter:
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.store = store
         self._queue: queue.SimpleQueue[_Write | _Flush | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="genserve-persistence", daemon=True)

@@ -6,7 +6,7 @@ import logging
 import threading
 
 from genserve.config import Config
-from genserve.store import ResultStore
+from genserve.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ class Retention:
 
     Not the HTTP thread pool: a pass over a large store must not take a thread a request is waiting for."""
 
-    def __init__(self, config: Config, store: ResultStore) -> None:
+    def __init__(self, config: Config, store: JobStore) -> None:
         self.config = config
         self.store = store
         self._stopped = threading.Event()

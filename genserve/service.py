@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from genserve.cluster.node import WorkerNode
+from genserve.cluster.wiring import ClusterParts
 from genserve.config import Config
 from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
 from genserve.messages import Mode
-from genserve.store import ResultStore
-from genserve.supervisor import Supervisor
+from genserve.pool import JobPool
+from genserve.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,13 @@ class Service:
 
     config: Config
     modes: tuple[Mode, ...]
-    supervisor: Supervisor
+    supervisor: JobPool
     jobs: JobManager
-    store: ResultStore
+    store: JobStore
     stop: StopControl
     loras: LoraCatalogue  # the LoRAs requests may name (GET/POST /loras)
+    node: WorkerNode | None = None  # cluster role all: this process's own worker node
+    cluster: ClusterParts | None = None  # cluster.backend redis: the node's Redis connections
 
     def variation_mode(self) -> Mode:
         """What makes an image variation (OpenAI variations, /process with only an image): FLUX.1-Redux when it is
@@ -65,15 +69,55 @@ class Service:
         wanted = self.config.openai.variation_mode
         return "redux" if wanted == "redux" and "redux" in self.modes else "img2img"
 
+    def start(self) -> None:
+        """Start the job manager's threads and the pool (workers report ready later; returns at once)."""
+        self.jobs.start()
+        self.supervisor.start()
+        if self.node is not None:
+            self.node.start()
+        if self.cluster is not None:
+            self.cluster.janitor.start()
+
     def drain(self) -> None:
         """Stop taking jobs and let running ones finish within server.shutdown_grace_s (blocking; any thread)."""
-        self.supervisor.drain(self.config.server.shutdown_grace_s)
+        grace_s = self.config.server.shutdown_grace_s
+        if self.node is not None:  # its jobs first: the clients waiting here may be waiting for them
+            self.node.drain(grace_s)
+        self.supervisor.drain(grace_s)
 
     def close(self) -> None:
         """Stop the workers, then write what is pending and close the store (blocking; after the HTTP server)."""
+        if self.node is not None:
+            self.node.shutdown()
         self.supervisor.shutdown()
         self.jobs.stop()
-        self.store.close()
+        if self.cluster is not None:
+            self.cluster.janitor.stop()
+            self.cluster.close()
+        else:
+            self.store.close()
+
+
+@dataclass
+class NodeService:
+    """A worker node's whole service (cluster.role worker): no API, its pool fed from the cluster queue."""
+
+    config: Config
+    node: WorkerNode
+    cluster: ClusterParts
+    stop: StopControl
+
+    def start(self) -> None:
+        self.node.start()
+        self.cluster.janitor.start()
+
+    def drain(self) -> None:
+        self.node.drain(self.config.server.shutdown_grace_s)
+
+    def close(self) -> None:
+        self.node.shutdown()
+        self.cluster.janitor.stop()
+        self.cluster.close()
 
 
 def get_service(request: Request) -> Service:

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from genserve.images import RawImage
 from genserve.messages import ImageFile
@@ -58,14 +58,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_reason TEXT,
     owner TEXT,
     request_id TEXT,
-    webhook TEXT
+    webhook TEXT,
+    node TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_at DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, submitted_at DESC);
 """
 # Columns added after the first release: a store written by an older GenServe gains them when it opens (NULL in
 # old rows: jobs from before keys were owned are visible to admin keys only once keys exist).
-ADDED_COLUMNS = {"owner": "TEXT", "request_id": "TEXT", "webhook": "TEXT"}
+ADDED_COLUMNS = {"owner": "TEXT", "request_id": "TEXT", "webhook": "TEXT", "node": "TEXT"}
 OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, submitted_at DESC)"
 JSON_COLUMNS = frozenset({"params", "webhook"})
 
@@ -95,6 +96,7 @@ class JobRecord:
     owner: str | None = None  # name of the API key that submitted it (None when keys are off)
     request_id: str | None = None  # X-Request-ID of the submitting request
     webhook: dict[str, Any] | None = None  # url, events, and each delivery's outcome (genserve.webhooks)
+    node: str | None = None  # the cluster node that ran it (cluster.backend redis); None on one machine
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
@@ -193,6 +195,37 @@ class FileStore:
                     temporary.unlink()
             except OSError:
                 pass
+
+
+class JobStore(Protocol):
+    """What the job manager, the routes and retention use of a store: ``ResultStore`` on one machine,
+    ``genserve.cluster.store.ClusterStore`` on a cluster node (records in Redis)."""
+
+    def image_path(self, job_id: str) -> Path: ...
+
+    def write_inputs(self, job_id: str, images: Mapping[str, RawImage]) -> dict[str, ImageFile]: ...
+
+    def remove_inputs(self, job_id: str) -> None: ...
+
+    def insert(self, record: JobRecord) -> None: ...
+
+    def apply(self, updates: Sequence[tuple[str, Mapping[str, Any]]]) -> None: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def list(
+        self, status: str | None = None, limit: int = 50, offset: int = 0, owner: str | None = None
+    ) -> tuple[list[JobRecord], int]: ...
+
+    def acquire(self, job_id: str) -> Path: ...
+
+    def release(self, job_id: str) -> None: ...
+
+    def cleanup(self, max_age_s: float, max_total_bytes: int, now: float | None = None) -> CleanupReport: ...
+
+    def close(self) -> None: ...
 
 
 class ResultStore(FileStore):

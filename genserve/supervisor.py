@@ -229,6 +229,7 @@ class Supervisor:
         self._lock = threading.RLock()
         self._job_left_worker = threading.Condition(self._lock)  # drain() waits on it
         self._queue_changed = threading.Event()  # the job manager's position publisher waits on it
+        self._slot_freed = threading.Condition(self._lock)  # a cluster node's claimer waits on it (spare_workers)
         self._queue: PriorityQueue[Job] = PriorityQueue(config.queue.max_size)
         self._slots = [WorkerSlot(index=i, device=device) for i, device in enumerate(devices)]
         self._cpu_threads = self._threads_per_cpu_worker(devices)
@@ -403,10 +404,32 @@ class Supervisor:
         self._queue_changed.clear()
         return changed
 
+    def spare_workers(self) -> int:
+        """Loaded idle workers that no queued job is waiting for: how many jobs a cluster node may claim now."""
+        with self._lock:
+            if self._draining:
+                return 0
+            return max(0, sum(slot.state is WorkerState.READY for slot in self._slots) - len(self._queue))
+
+    def wait_for_spare_worker(self, timeout: float) -> bool:
+        """Block until some worker may be spare (a slot became ready or idle), or ``timeout``; then ask
+        spare_workers."""
+        with self._slot_freed:
+            if self.spare_workers():
+                return True
+            return self._slot_freed.wait(timeout)
+
+    @property
+    def ever_ready(self) -> bool:
+        return self._ever_ready
+
     def queued_jobs(self) -> list[Job]:
         """Waiting jobs in the order they will run (O(n): for status pages)."""
         with self._lock:
             return list(self._queue.ordered())
+
+    def queued_ids(self) -> list[str]:
+        return [job.id for job in self.queued_jobs()]
 
     def queue_position(self, job: Job) -> int | None:
         with self._lock:
@@ -694,6 +717,7 @@ class Supervisor:
     def _on_ready(self, slot: WorkerSlot, message: WorkerReady) -> None:
         self._ever_ready = True
         slot.state = WorkerState.READY
+        self._slot_freed.notify_all()
         slot.pid = message.pid
         slot.ready_since = time.time()
         slot.consecutive_failures = 0
@@ -749,6 +773,7 @@ class Supervisor:
         slot.jobs.remove(job)
         if not slot.jobs and slot.state is WorkerState.BUSY:
             slot.state = WorkerState.READY
+            self._slot_freed.notify_all()
 
     def _fail_job(self, job: Job, failure: JobFailure) -> None:
         match failure.kind:
@@ -772,20 +797,7 @@ class Supervisor:
                 assert_never(failure.kind)
 
     def _end_stopped(self, job: Job) -> None:
-        """A job that stopped because someone asked: canceled, or failed when a deadline or shutdown stopped it."""
-        reason = job.schedule.cancel_reason
-        match reason:
-            case CancelReason.TIMEOUT:
-                error: JobTimeout | ShuttingDown | JobCanceled = JobTimeout(
-                    f"job ran past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) and was stopped"
-                )
-                job.finish(JobState.FAILED, error=error)
-            case CancelReason.SHUTDOWN:
-                job.finish(JobState.FAILED, error=ShuttingDown("service shutting down", headers=self._retry()))
-            case None:
-                job.finish(JobState.CANCELED, error=JobCanceled("job was canceled (by request)"))
-            case _:
-                job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({reason.value})"))
+        end_stopped(job, self._retry())
 
     def _running_jobs(self) -> list[Job]:
         """Jobs on a worker that have not ended: running, or denoised and still encoding."""
@@ -981,13 +993,7 @@ class Supervisor:
         now = time.monotonic()
         expired = self._queue.pop_expired(now)
         for job in expired:
-            job.schedule.cancel_reason = CancelReason.TIMEOUT
-            job.finish(
-                JobState.FAILED,
-                error=JobTimeout(
-                    f"job waited past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) in the queue"
-                ),
-            )
+            expire_in_queue(job)
         if expired:
             self._queue_changed.set()
         for slot in self._slots:
@@ -1178,6 +1184,34 @@ class Supervisor:
             self._wake_writer.send_bytes(b"!")
         except OSError:
             pass
+
+
+def end_stopped(job: Job, retry_headers: dict[str, str]) -> None:
+    """End a job that stopped because someone asked: canceled, or failed when a deadline or shutdown stopped it."""
+    reason = job.schedule.cancel_reason
+    match reason:
+        case CancelReason.TIMEOUT:
+            error: JobTimeout | ShuttingDown | JobCanceled = JobTimeout(
+                f"job ran past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) and was stopped"
+            )
+            job.finish(JobState.FAILED, error=error)
+        case CancelReason.SHUTDOWN:
+            job.finish(JobState.FAILED, error=ShuttingDown("service shutting down", headers=retry_headers))
+        case None:
+            job.finish(JobState.CANCELED, error=JobCanceled("job was canceled (by request)"))
+        case _:
+            job.finish(JobState.CANCELED, error=JobCanceled(f"job was canceled ({reason.value})"))
+
+
+def expire_in_queue(job: Job) -> None:
+    """End a job whose deadline passed before any worker took it."""
+    job.schedule.cancel_reason = CancelReason.TIMEOUT
+    job.finish(
+        JobState.FAILED,
+        error=JobTimeout(
+            f"job waited past its deadline of {job.schedule.timeout_s:g} s ({_DEADLINE_SOURCE}) in the queue"
+        ),
+    )
 
 
 def _adapters_view(adapters: AdaptersChanged | None) -> dict[str, Any]:

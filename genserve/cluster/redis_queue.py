@@ -265,7 +265,8 @@ forget(ARGV[1])
 return 1
 """
 
-# ARGV: job id, the channel prefix of cancel notices.
+# ARGV: job id, the channel prefix of cancel notices, the reason, '1' to leave a running job alone.
+# The notice is "<id> <reason>": the node ends the job the way the asker meant (canceled, or failed on a timeout).
 _CANCEL = """
 local id = ARGV[1]
 if redis.call('ZREM', QUEUE, id) == 1 then
@@ -275,11 +276,29 @@ if redis.call('ZREM', QUEUE, id) == 1 then
 end
 local owner = redis.call('HGET', OWNER, id)
 if owner then
+  if ARGV[4] == '1' then return 'running' end
   redis.call('SADD', CANCELED, id)
-  redis.call('PUBLISH', ARGV[2] .. owner, id)
+  redis.call('PUBLISH', ARGV[2] .. owner, id .. ' ' .. ARGV[3])
   return 'running'
 end
 return 'unknown'
+"""
+
+# ARGV: job id, node id. The node gives a job back unfinished (it is shutting down): back at the head of its
+# priority with its attempts unchanged, since no worker failed it.
+_RELEASE = """
+local id = ARGV[1]
+if redis.call('HGET', OWNER, id) ~= ARGV[2] then return 0 end
+if not room_for(SEQ_HEAD, 1) then error('genserve queue: re-queue sequences exhausted') end
+redis.call('ZREM', RUNNING, id)
+redis.call('HDEL', OWNER, id)
+if redis.call('SISMEMBER', CANCELED, id) == 1 then
+  forget(id)
+  return 2
+end
+redis.call('ZADD', QUEUE, head_score(redis.call('HGET', PRIORITY, id)), id)
+sync_tokens()
+return 1
 """
 
 # ARGV: requeue limit, batch size. Cheap when nothing expired: one range query on the deadlines, one sync.
@@ -353,6 +372,7 @@ class RedisJobQueue:
         self._renew = client.register_script(_PRELUDE + _RENEW)
         self._finish = client.register_script(_PRELUDE + _FINISH)
         self._cancel = client.register_script(_PRELUDE + _CANCEL)
+        self._release = client.register_script(_PRELUDE + _RELEASE)
         self._reap = client.register_script(_PRELUDE + _REAP)
         self._running = client.register_script(_PRELUDE + _RUNNING)
 
@@ -442,13 +462,23 @@ class RedisJobQueue:
 
     # --- cancellation ---
 
-    def cancel(self, job_id: str) -> CancelOutcome:
+    def cancel(self, job_id: str, reason: str = "client", *, queued_only: bool = False) -> CancelOutcome:
         """``dequeued``: it was waiting and is gone. ``running``: a node holds it; it is flagged (``is_canceled``)
-        and that node is told on its cancel channel (``subscribe_cancels``); the node stops it and calls
-        ``finish``. ``unknown``: not queued nor running here (ended, or never submitted)."""
+        and that node is told on its cancel channel (``subscribe_cancels``), with ``reason``; the node stops it and
+        calls ``finish``. With ``queued_only`` a running job is left alone (still answered ``running``).
+        ``unknown``: not queued nor running here (ended, or never submitted)."""
+        args: list[str | int] = [job_id, self._cancel_channel_prefix, reason, int(queued_only)]
         with self._redis_errors():
-            outcome = self._cancel(keys=self._keys, args=[job_id, self._cancel_channel_prefix])
+            outcome = self._cancel(keys=self._keys, args=args)
         return outcome.decode()
+
+    def release(self, job_id: str, node_id: str) -> Literal["requeued", "canceled", "not_held"]:
+        """Give a held job back unfinished (the node is shutting down): it goes to the head of its priority with
+        its attempts unchanged, or ends (``canceled``) when a cancel was pending; ``not_held``: the node had
+        lost it already."""
+        with self._redis_errors():
+            outcome = int(self._release(keys=self._keys, args=[job_id, node_id]))
+        return {0: "not_held", 1: "requeued", 2: "canceled"}[outcome]  # type: ignore[return-value]
 
     def is_canceled(self, job_id: str) -> bool:
         """Whether a cancel is pending for this running job. Pub/sub drops messages a disconnected subscriber
@@ -502,6 +532,23 @@ class RedisJobQueue:
             rank = self._client.zrank(self.prefix + "queue", job_id)
         return None if rank is None else int(rank)  # type: ignore[arg-type]
 
+    def positions(self, job_ids: Sequence[str]) -> list[int | None]:
+        """``position`` of each job, in one round trip."""
+        if not job_ids:
+            return []
+        with self._redis_errors():
+            pipe = self._client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.zrank(self.prefix + "queue", job_id)
+            ranks = pipe.execute()
+        return [None if rank is None else int(rank) for rank in ranks]
+
+    def queued_ids(self, limit: int = -1) -> list[str]:
+        """Waiting job ids in the order they will run (the first ``limit``; -1: all of them)."""
+        with self._redis_errors():
+            ids = cast(list[bytes], self._client.zrange(self.prefix + "queue", 0, limit - 1 if limit > 0 else -1))
+        return [job_id.decode() for job_id in ids]
+
     def depth_by_priority(self) -> dict[int, int]:
         """How many jobs wait at each priority. Reads the whole queue (at most max_size entries)."""
         with self._redis_errors():
@@ -526,6 +573,11 @@ class RedisJobQueue:
         return [
             RunningJob(flat[i].decode(), flat[i + 1].decode(), int(flat[i + 2]) / 1000) for i in range(0, len(flat), 3)
         ]
+
+    @property
+    def where(self) -> str:
+        """host:port of its Redis."""
+        return self._where
 
     def server_time(self) -> float:
         """Redis's clock, seconds since the epoch: what lease deadlines are measured against."""
@@ -567,7 +619,7 @@ class CancelSubscription:
                 with self._queue._redis_errors():
                     message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=self._READ_SLICE_S)
                 if message is not None and message["type"] == "message":
-                    yield message["data"].decode()
+                    yield message["data"].decode()  # "<job id> <reason>"
         finally:
             self._pubsub.close()
 

@@ -148,16 +148,22 @@ class ClusterStore(FileStore):
         """Hold an image while it is sent; pair with release(). With images in Redis, an image this node does not
         have yet is fetched into its cache first (network I/O: call it from a thread, not the event loop). The path
         is returned whether or not the image exists: the caller answers 404 for a missing file, as on one machine."""
-        path = super().acquire(job_id)
-        if self.redis_images is None or path.is_file():
-            return path
+        super().acquire(job_id)
         try:
-            data = self.redis_images.get(job_id)
-            if data is not None:
-                _write_atomically(path, data)
+            return self.local_image(job_id)
         except BaseException:
             self.release(job_id)  # the caller gets no path, so it will not release it
             raise
+
+    def local_image(self, job_id: str) -> Path:
+        """Where this node reads the job's image: with images in Redis, fetched into the cache when it is not
+        there yet (network I/O). The path is returned whether or not the image exists."""
+        path = self.image_path(job_id)
+        if self.redis_images is None or path.is_file():
+            return path
+        data = self.redis_images.get(job_id)
+        if data is not None:
+            _write_atomically(path, data)
         return path
 
     def store_image(self, job_id: str) -> None:

@@ -75,7 +75,7 @@ async def get_image(
     record = _as_record(await _find(request, task_id))
     if record.status != JobState.COMPLETED.value:
         raise NotFound(f"job {task_id} has no image (status: {record.status})")
-    path = service.store.acquire(task_id)  # retention must not delete it while it is being sent
+    path = await run_in_threadpool(service.store.acquire, task_id)  # retention must leave it; may fetch it
     if not path.is_file():
         service.store.release(task_id)
         raise NotFound(f"the image of job {task_id} was deleted by retention")
@@ -93,38 +93,8 @@ async def get_image(
 @router.get("/queue", summary="Running and pending jobs (the FLUX.1 DEV API's /queue shape)")
 async def queue(request: Request) -> dict[str, list[dict[str, Any]]]:
     service = get_service(request)
-    caller = caller_of(request)
-    running = [job for job in service.jobs.live_jobs() if job.state is JobState.RUNNING and caller.sees(job.owner)]
-    # Positions count every job ahead, whoever owns it; a tenant is shown only its own jobs.
-    pending = [
-        (position, job)
-        for position, job in enumerate(await run_in_threadpool(service.supervisor.queued_jobs))
-        if caller.sees(job.owner)
-    ]
-    return {
-        "queue_running": [
-            {
-                "task_id": job.id,
-                "mode": job.request.mode,
-                "priority": job.priority,
-                "worker": job.worker_slot,
-                "device": job.device,
-                "started_at": job.started_at,
-                "progress": job.progress_data(),
-            }
-            for job in running
-        ],
-        "queue_pending": [
-            {
-                "task_id": job.id,
-                "mode": job.request.mode,
-                "priority": job.priority,
-                "queue_position": position,
-                "submitted_at": job.submitted_at,
-            }
-            for position, job in pending
-        ],
-    }
+    listing: dict[str, list[dict[str, Any]]] = await run_in_threadpool(service.jobs.queue_listing, caller_of(request))
+    return listing
 
 
 # --- the ComfyUI API Service -----------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ async def process(request: Request) -> JSONResponse:
 async def process_raw(request: Request) -> Response:
     service = get_service(request)
     job, kind = await _run(request, service)
-    path = service.store.acquire(job.id)
+    path = await run_in_threadpool(service.store.acquire, job.id)  # in a cluster it may be fetched from Redis
     return FileResponse(
         path,
         media_type="image/png",

@@ -311,9 +311,11 @@ def test_cancel_dequeues_a_waiting_job_and_flags_and_notifies_a_running_one(queu
         received: list[str] = []
         listener = threading.Thread(target=lambda: received.append(next(iter(notices))))
         listener.start()
-        assert queue.cancel("running") == "running"
+        assert queue.cancel("running", queued_only=True) == "running"  # left alone: nothing flagged or sent
+        assert not queue.is_canceled("running")
+        assert queue.cancel("running", "timeout") == "running"
         listener.join(timeout=5)
-        assert received == ["running"]
+        assert received == ["running timeout"]
     assert queue.is_canceled("running")
     assert queue.finish("running", "node-a")
     assert not queue.is_canceled("running") and queue.cancel("running") == "unknown"
@@ -325,6 +327,23 @@ def test_cancel_dequeues_a_waiting_job_and_flags_and_notifies_a_running_one(queu
     assert queue.reap_expired().canceled == ("expiring",)
     assert len(queue) == 0 and queue.running() == []
     assert queue.cancel("never-submitted") == "unknown"
+
+
+def test_release_puts_a_job_back_at_the_head_without_spending_an_attempt(queue: RedisJobQueue) -> None:
+    for job_id in ("first", "second", "third"):
+        queue.submit(job_id, 0, job_id.encode())
+    claim = queue.claim("node-a", lease_s=30, timeout_s=0)
+    assert claim is not None and claim.job_id == "first"
+    assert queue.positions(["second", "third", "first"]) == [0, 1, None]
+    assert queue.release("first", "node-b") == "not_held"  # only the holder gives it back
+    assert queue.release("first", "node-a") == "requeued"
+    assert queue.queued_ids() == ["first", "second", "third"] and queue.running() == []
+    again = queue.claim("node-b", lease_s=30, timeout_s=0)
+    assert again is not None and again.job_id == "first" and again.attempts == 0 and again.payload == b"first"
+    # A job with a pending cancel is not put back: it ends.
+    assert queue.cancel("first") == "running"
+    assert queue.release("first", "node-b") == "canceled"
+    assert queue.queued_ids(limit=1) == ["second"] and tokens(queue) == 2
 
 
 # --- Redis trouble ---------------------------------------------------------------------------------------------------

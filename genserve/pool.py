@@ -1,0 +1,53 @@
+"""What the job manager and the routes need of the pool that runs jobs, whichever it is: the ``Supervisor`` of one
+machine (genserve.supervisor), or an API node's ``ClusterDispatcher`` (genserve.cluster.dispatcher), whose pool is
+the workers of every node sharing its Redis."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from genserve.jobs import Job
+from genserve.messages import CancelReason
+
+
+class JobPool(Protocol):
+    def start(self) -> None: ...
+
+    def drain(self, grace_s: float) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    @property
+    def fatal_reason(self) -> str | None: ...
+
+    def submit_all(self, jobs: list[Job]) -> list[Job]:
+        """Queue the jobs of one request, all or none."""
+        ...
+
+    def cancel(self, job: Job, reason: CancelReason) -> None:
+        """Stop a job wherever it is; never blocks on I/O (the event loop calls it)."""
+        ...
+
+    def cancel_queued(self, job: Job, reason: CancelReason) -> bool: ...
+
+    def queue_position(self, job: Job) -> int | None: ...
+
+    def wait_for_queue_change(self, timeout: float | None = None) -> bool: ...
+
+    def queue_depth_by_priority(self) -> dict[int, int]: ...
+
+    def queued_ids(self) -> list[str]:
+        """Waiting job ids in the order they will run."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The /status body; a snapshot, cheap enough for the event loop."""
+        ...
+
+    def ready_count(self) -> int: ...
+
+    def total_workers(self) -> int: ...
+
+    def retry_after_s(self) -> int: ...
+
+    def not_ready_reason(self) -> str: ...
