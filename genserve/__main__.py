@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None, worker_target: WorkerTarget | None = Non
         return 2
     logs.configure(config.server.log_level, config.server.log_format, "genserve-api")
     log.info("genserve %s; config: %s", __version__, path or "built-in defaults")
-    if config.workers.start_method == "forkserver":
+    if config.workers.start_method == "forkserver" and config.runs_workers:  # an API node has no workers
         from genserve import forkserver
 
         forkserver.start_early()  # its imports now run alongside ours below
