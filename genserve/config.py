@@ -576,7 +576,7 @@ class ClusterConfig(_Section):
     role: Literal["all", "api", "worker"] = Field(
         "all",
         description="'api' serves HTTP only; 'worker' runs a supervisor and its workers, with HTTP for its own "
-        "health; 'all' is both. Only 'all' exists with backend local.",
+        "health; 'all' is both. 'api' and 'worker' imply backend redis (only 'all' exists with backend local).",
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The cluster's Redis (GENSERVE_REDIS_URL).")
     prefix: str = Field(
@@ -621,6 +621,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _roles_need_redis(self) -> Config:
+        if self.cluster.role != "all" and "backend" not in self.cluster.model_fields_set:
+            self.cluster.backend = "redis"  # --role api / worker only exist in a cluster: say so once, not twice
         if self.cluster.backend == "local" and self.cluster.role != "all":
             raise ValueError(
                 f"cluster.role {self.cluster.role!r} needs cluster.backend redis: one machine runs API and workers"

@@ -17,6 +17,7 @@ from genserve.job_manager import JobManager
 from genserve.loras import LoraCatalogue
 from genserve.messages import Mode
 from genserve.pool import JobPool
+from genserve.retention import Retention
 from genserve.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -106,15 +107,20 @@ class NodeService:
     node: WorkerNode
     cluster: ClusterParts
     stop: StopControl
+    retention: Retention | None = None  # its own results: images it made, its cache of Redis images
 
     def start(self) -> None:
         self.node.start()
         self.cluster.janitor.start()
+        self.retention = Retention(self.config, self.cluster.store)
+        self.retention.start()
 
     def drain(self) -> None:
         self.node.drain(self.config.server.shutdown_grace_s)
 
     def close(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
         self.node.shutdown()
         self.cluster.janitor.stop()
         self.cluster.close()

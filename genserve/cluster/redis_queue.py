@@ -327,6 +327,12 @@ sync_tokens()
 return {requeued, failed, canceled}
 """
 
+# ARGV: job id, node id. A worker of the holding node died running it: that costs the attempt a lost lease would.
+_COUNT_ATTEMPT = """
+if redis.call('HGET', OWNER, ARGV[1]) ~= ARGV[2] then return -1 end
+return redis.call('HINCRBY', ATTEMPTS, ARGV[1], 1)
+"""
+
 # Returns id, owner, deadline (ms) triples, flattened.
 _RUNNING = """
 local entries = redis.call('ZRANGE', RUNNING, 0, -1, 'WITHSCORES')
@@ -373,6 +379,7 @@ class RedisJobQueue:
         self._finish = client.register_script(_PRELUDE + _FINISH)
         self._cancel = client.register_script(_PRELUDE + _CANCEL)
         self._release = client.register_script(_PRELUDE + _RELEASE)
+        self._count_attempt = client.register_script(_PRELUDE + _COUNT_ATTEMPT)
         self._reap = client.register_script(_PRELUDE + _REAP)
         self._running = client.register_script(_PRELUDE + _RUNNING)
 
@@ -459,6 +466,14 @@ class RedisJobQueue:
         lease was taken away), so nothing changed — its outcome belongs to whoever holds it now."""
         with self._redis_errors():
             return bool(self._finish(keys=self._keys, args=[job_id, node_id]))
+
+    def count_attempt(self, job_id: str, node_id: str) -> int | None:
+        """The holding node's worker died running the job and the node runs it again: count that as the job's one
+        re-queue, so that losing the node as well fails it instead of running it a third time. Returns the
+        attempts now counted, or None when ``node_id`` no longer holds the job."""
+        with self._redis_errors():
+            attempts = int(self._count_attempt(keys=self._keys, args=[job_id, node_id]))
+        return None if attempts < 0 else attempts
 
     # --- cancellation ---
 

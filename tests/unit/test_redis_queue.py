@@ -346,6 +346,17 @@ def test_release_puts_a_job_back_at_the_head_without_spending_an_attempt(queue: 
     assert queue.queued_ids(limit=1) == ["second"] and tokens(queue) == 2
 
 
+def test_an_attempt_counted_by_the_holding_node_makes_the_next_lost_lease_fail_the_job(queue: RedisJobQueue) -> None:
+    queue.submit("twice", 0, b"t")
+    claim = queue.claim("node-a", lease_s=0.1, timeout_s=0)
+    assert claim is not None and claim.attempts == 0
+    assert queue.count_attempt("twice", "node-b") is None  # only the holder counts
+    assert queue.count_attempt("twice", "node-a") == 1  # its worker died; the node runs it again
+    time.sleep(0.2)  # then the node itself is lost
+    assert queue.reap_expired().failed == ("twice",)
+    assert len(queue) == 0 and queue.running() == []
+
+
 # --- Redis trouble ---------------------------------------------------------------------------------------------------
 
 
