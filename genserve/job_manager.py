@@ -112,8 +112,9 @@ class JobManager:
             )
             for prepared in batch
         ]
+        recorded = self._recorded_in_flight(owner)  # before the lock: a store read
         with self._lock:  # the quota check and the reservation are one step, or two requests could both pass
-            in_flight = self._jobs_in_flight(owner, adding=len(jobs))
+            in_flight = self._jobs_in_flight(owner, adding=len(jobs), recorded=recorded)
             if not in_flight.over:
                 self._live.update((job.id, job) for job in jobs)
         if in_flight.over:
@@ -160,13 +161,21 @@ class JobManager:
         for listener in self.listeners:
             job.add_listener(listener)
 
-    def _jobs_in_flight(self, owner: str | None, adding: int) -> _Quota:
-        """Under self._lock: how many live jobs ``owner`` has, and whether ``adding`` more would pass its limit."""
+    def _jobs_in_flight(self, owner: str | None, adding: int, recorded: int = 0) -> _Quota:
+        """Under self._lock: how many live jobs ``owner`` has (or, in a cluster, the ``recorded`` count across every
+        API node when that is more), and whether ``adding`` more would pass its limit."""
         cap = self.config.auth.max_jobs_per_key
         if not cap or owner is None:
             return _Quota(0, False)
-        count = sum(1 for job in self._live.values() if job.owner == owner and not job.done)
+        count = max(recorded, sum(1 for job in self._live.values() if job.owner == owner and not job.done))
         return _Quota(count, count + adding > cap)
+
+    def _recorded_in_flight(self, owner: str | None) -> int:
+        """In a cluster: ``owner``'s queued and running jobs as the shared records count them, whichever API node
+        took them (two nodes admitting at the same instant may still both pass: the cap is exact per node)."""
+        if self.cluster is None or owner is None or not self.config.auth.max_jobs_per_key:
+            return 0
+        return sum(self.store.list(status, 1, 0, owner=owner)[1] for status in UNFINISHED)
 
     def _on_event(self, job: Job, event: JobEvent) -> None:
         """Listener (any thread, job lock held): hand the record change to the writer; progress is not stored."""

@@ -281,6 +281,13 @@ class Job:
         if self.result is not None:
             result = self.result
             data["result"] = result_json(self.id, result.seed, result.width, result.height, result.image_bytes)
+            # What the worker measured: a cluster's API node learns the job's end from this event alone.
+            data["timings"] = {
+                "started_at": result.started_at,
+                "pipeline_s": round(result.pipeline_s, 6),
+                "encode_s": round(result.encode_s, 6),
+                "batch_size": result.batch_size,
+            }
             data["result_url"] = f"/image/{self.id}"
         if self.error is not None:
             data["error"] = {"type": self.error.error_type, "message": self.error.message}
