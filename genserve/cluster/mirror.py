@@ -31,7 +31,6 @@ from genserve.store import JobRecord
 log = logging.getLogger(__name__)
 
 RECONNECT_S = 1.0  # wait after Redis failed a read before trying again
-MAX_BLOCK_S = 2.0
 
 
 def apply_event(job: Job, event: JobEvent, image_path: str = "") -> None:
@@ -116,10 +115,13 @@ class EventFollower:
         self, events: RedisJobEvents, client: redis.Redis, nudge_key: str, local_image: Callable[[str], Path]
     ) -> None:
         """``client``: a connection pool of its own for the blocking read (it holds one connection while it
-        waits). ``local_image``: where this node reads a job's image, fetched first when it lives in Redis."""
+        waits). ``local_image``: where this node reads a job's image, fetched first when it lives in Redis.
+        Each read blocks at most ``events.max_block_s``, kept under the clients' socket timeout (genserve.cluster.
+        wiring), or an idle read would time out on the socket just as Redis answers it."""
         self._local_image = local_image
         self._events = events
         self._client = client
+        self._block_s = events.max_block_s
         self._nudge_key = nudge_key
         self._where = redis_where(client)
         self._lock = threading.Lock()  # guards _followed
@@ -139,7 +141,7 @@ class EventFollower:
             self._nudge()
         except QueueUnavailable:
             pass
-        self._thread.join(timeout=MAX_BLOCK_S + 1)
+        self._thread.join(timeout=self._block_s + 1)
 
     def follow(self, job: Job, after: str = "0") -> None:
         """Apply the job's events after stream id ``after`` from now on, until its terminal one."""
@@ -197,7 +199,7 @@ class EventFollower:
             streams: dict[Any, Any] = {self._events.key(job_id): after for job_id, (_, after) in self._followed.items()}
         streams[self._nudge_key] = self._nudge_after
         with redis_errors("event follower's", self._where):
-            reply: Any = self._client.xread(streams, block=round(MAX_BLOCK_S * 1000))
+            reply: Any = self._client.xread(streams, block=max(1, round(self._block_s * 1000)))
         for key, entries in reply or []:
             key = key.decode()
             if key == self._nudge_key:
