@@ -303,10 +303,13 @@ class WorkerNode:
 
     def _renew(self, job: Job) -> None:
         if not self._queue.renew(job.id, self.node_id, self._lease_s):
-            log.error("job %s: this node lost its lease (re-queued elsewhere); stopping it here", job.id)
             with self._lock:
-                self._held.pop(job.id, None)
+                if job.state in TERMINAL_STATES or job.id not in self._held:
+                    # It ended here since the renewals began: reporting its end dropped the lease (or is about to).
+                    return
+                self._held.pop(job.id)
                 self._lost.add(job.id)
+            log.error("job %s: this node lost its lease (re-queued elsewhere); stopping it here", job.id)
             self.supervisor.cancel(job, CancelReason.ABANDONED)
         elif job.cancel_reason is None and self._queue.is_canceled(job.id):  # a notice pub/sub dropped
             self.supervisor.cancel(job, CancelReason.CLIENT)
