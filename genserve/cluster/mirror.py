@@ -65,6 +65,7 @@ def apply_event(job: Job, event: JobEvent, image_path: str = "") -> None:
 def _result(job: Job, data: dict[str, Any], image_path: str) -> JobResult:
     result = data.get("result") or {}
     image = (result.get("images") or [{}])[0]
+    timings = data.get("timings") or {}
     seed = result.get("seed")
     return JobResult(
         job_id=job.id,
@@ -73,9 +74,10 @@ def _result(job: Job, data: dict[str, Any], image_path: str) -> JobResult:
         width=int(result.get("width") or job.request.width),
         height=int(result.get("height") or job.request.height),
         seed=int(seed) if seed is not None else job.request.seed,
-        started_at=job.started_at or 0.0,
-        pipeline_s=0.0,
-        encode_s=0.0,
+        started_at=float(timings.get("started_at") or job.started_at or 0.0),
+        pipeline_s=float(timings.get("pipeline_s") or 0.0),
+        encode_s=float(timings.get("encode_s") or 0.0),
+        batch_size=int(timings.get("batch_size") or 1),
     )
 
 
@@ -126,13 +128,12 @@ class EventFollower:
         self._where = redis_where(client)
         self._lock = threading.Lock()  # guards _followed
         self._followed: dict[str, tuple[Job, str]] = {}  # job id -> (mirror, last stream id applied)
-        self._nudge_after = "0-0"
+        self._nudge_after: str | None = None  # read from Redis once it answers (it may be down at start)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genserve-event-follower", daemon=True)
 
     def start(self) -> None:
-        with redis_errors("event follower's", self._where):
-            self._client.delete(self._nudge_key)  # a previous process's nudges mean nothing now
+        """Start following; returns at once, Redis up or not (the thread reads once Redis answers)."""
         self._thread.start()
 
     def stop(self) -> None:
@@ -195,6 +196,10 @@ class EventFollower:
                 self._stop.wait(RECONNECT_S)
 
     def _read_once(self) -> None:
+        if self._nudge_after is None:  # nudges from before this read began mean nothing now
+            with redis_errors("event follower's", self._where):
+                newest: Any = self._client.xrevrange(self._nudge_key, count=1)
+            self._nudge_after = newest[0][0].decode() if newest else "0-0"
         with self._lock:
             streams: dict[Any, Any] = {self._events.key(job_id): after for job_id, (_, after) in self._followed.items()}
         streams[self._nudge_key] = self._nudge_after

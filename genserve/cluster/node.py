@@ -253,9 +253,7 @@ class WorkerNode:
             case "queued":
                 because = event.data.get("requeued_because")
                 if because:  # the local supervisor re-queued it (its worker died): say so cluster-wide
-                    self.reporter.put(
-                        f"re-queue of {job.id}", lambda: self._ledger.requeued(job.id, f"{because} on {self.node_id}")
-                    )
+                    self.reporter.put(f"re-queue of {job.id}", lambda: self._requeued_here(job.id, because))
             case "started":
                 self.reporter.put(f"start of {job.id}", lambda: self._ledger.started(job, event))
             case "progress":
@@ -265,6 +263,11 @@ class WorkerNode:
                     self.reporter.put(f"release of {job.id}", lambda: self._release(job.id))
                 else:
                     self.reporter.put(f"end of {job.id}", lambda: self._report_end(job))
+
+    def _requeued_here(self, job_id: str, because: str) -> None:
+        """Its worker died and this node runs it again: that is the job's one retry, cluster-wide too."""
+        self._queue.count_attempt(job_id, self.node_id)
+        self._ledger.requeued(job_id, f"{because} on node {self.node_id}")
 
     def _report_end(self, job: Job) -> None:
         if self._images_in_redis and job.state is JobState.COMPLETED:
