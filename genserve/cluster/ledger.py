@@ -83,11 +83,20 @@ class Ledger:
 class Janitor:
     """A thread in every node: every lease_s / 2, expired leases are reaped (``RedisJobQueue.reap_expired``) and
     what happened to each job is written down. Every node runs one, so a cluster finds a dead node as long as any
-    node lives; each expired lease is handled by exactly one of them."""
+    node lives; each expired lease is handled by exactly one of them.
+
+    A lease is only evidence of a dead node if its node could have renewed it. While Redis is unreachable (or being
+    restarted) no node can, so every lease runs out at once; reaping them when Redis is back would stop every
+    running job and run it again, and re-run jobs that ended meanwhile and wait to be reported. So the janitor
+    reaps only once Redis has answered it for a whole lease_s — since its start, and again after each failed call:
+    the live nodes renew their leases within that time (every lease_s / 3), and what is still expired then is
+    dead. An outage long enough to expire a lease (over 2/3 of lease_s between renewals) outlasts the janitor's
+    interval, so every janitor sees it."""
 
     def __init__(self, queue: RedisJobQueue, ledger: Ledger, lease_s: float) -> None:
         self._queue = queue
         self._ledger = ledger
+        self._lease_s = lease_s
         self._interval = lease_s / 2
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genserve-janitor", daemon=True)
@@ -100,11 +109,18 @@ class Janitor:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        reap_from: float | None = None  # monotonic; None until Redis answers (at the start, after an outage)
         while not self._stop.wait(self._interval):
             try:
-                self.reap_once()
+                if reap_from is None:
+                    self._queue.ping()
+                    reap_from = time.monotonic() + self._lease_s  # the live nodes renew their leases meanwhile
+                if time.monotonic() >= reap_from:
+                    self.reap_once()
             except QueueUnavailable as error:
-                log.debug("janitor: %s", error)
+                if reap_from is not None:
+                    log.info("janitor: %s; reaping resumes a lease (%g s) after Redis is back", error, self._lease_s)
+                reap_from = None
             except Exception:
                 log.exception("janitor: reaping failed; trying again")
 
