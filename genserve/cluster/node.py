@@ -253,6 +253,7 @@ class WorkerNode:
             case "queued":
                 because = event.data.get("requeued_because")
                 if because:  # the local supervisor re-queued it (its worker died): say so cluster-wide
+                    job.node = self.node_id  # mark_queued cleared it, but the job waits here: its next start is ours
                     self.reporter.put(f"re-queue of {job.id}", lambda: self._requeued_here(job.id, because))
             case "started":
                 self.reporter.put(f"start of {job.id}", lambda: self._ledger.started(job, event))
