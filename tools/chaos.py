@@ -49,9 +49,29 @@ as its last line:
 
 (one line; "restarts" is the growth of ``concurrent_manager.total_restarts`` during the run.)
 
+Cluster mode (``--cluster``): instead of a server at ``--url``, the tool starts a cluster of its own
+(tools/_cluster.py): a ``redis-server`` on a free loopback port (Debian's package; the tool says how to install it
+when it is missing), one API node (``cluster.role: api``) and ``--nodes`` worker nodes (``cluster.role: worker``,
+``--node-workers`` CPU workers each, the embedded test model from ``--embedded-cache``, the modes of ``--modes``),
+all ``python -m genserve`` processes on this machine sharing one results folder, with ``cluster.lease_s`` =
+``--lease``. The load goes to the API node. With ``--kill-nodes`` the killer kills whole worker nodes instead of
+workers: every ``--kill-every`` seconds (the first as soon as a worker is seen busy) it picks a random node that
+is up (listed by the API node with all its workers ready or busy, and not still recovering from an earlier kill),
+sends SIGKILL to its process group (the node's API process, forkserver and workers: a crashed machine or
+container) and starts it again at once with the same config, port and node id, as an orchestrator would. A node's
+recovery time runs from the kill until the API node's /status lists it again with every worker ready (or busy)
+under a new pid. The jobs a killed node held come back through their leases (``--lease`` seconds): re-queued
+once, failed with ``worker_died`` when their second node dies too. The accounting is the same as above; "restarts"
+in the last line counts the node restarts, and "longest recovery" is a node's. At the end the tool waits until the
+API node lists every node with all its workers ready, then stops the cluster (also on Ctrl-C or SIGTERM) and
+removes its folder (``--cluster-dir`` keeps the nodes' logs and config there instead). ``--cluster`` without
+``--kill-nodes`` needs ``--kill-every 0`` (the load alone): this tool kills single workers only of a one-machine
+server, whose workers are children of the process at ``--url``.
+
 Exit status: 0 when no job was lost, every sync response agreed with its job record and the pool is back to full
-strength; 1 otherwise; 2 for a usage error, an unreachable or not-ready server, or kills asked of a server this
-tool cannot safely kill workers of (not local, or its listening process cannot be seen).
+strength; 1 otherwise; 2 for a usage error, an unreachable or not-ready server, a cluster that does not start, or
+kills asked of a server this tool cannot safely kill workers of (not local, or its listening process cannot be
+seen).
 """
 
 from __future__ import annotations
@@ -70,6 +90,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,12 +99,14 @@ from urllib.parse import urlsplit
 
 import psutil
 import requests
+from _cluster import Cluster, Node, own_cluster
 from PIL import Image, ImageDraw
 from rich.markup import escape
 from rich.table import Table
 
-from _cli import ToolError, add_connection_arguments, console, fail, make_session, request_json
+from _cli import DEFAULT_URL, ToolError, add_connection_arguments, console, fail, make_session, request_json
 from _procs import api_process_of, listens_on
+from _server import ServerError, add_embedded_cache_argument
 
 MODES = ("text2img", "img2img", "fill", "controlnet")
 ROUTES = ("generate-json", "generate-form", "jobs-json", "jobs-form")
@@ -119,6 +142,7 @@ examples:
   %(prog)s --jobs 100 --kill-every 0                              # the same load, no kills (any server)
   %(prog)s --jobs 500 --concurrency 16 --cancel-fraction 0.2 --seed 7 --report chaos.jsonl
   %(prog)s --modes text2img,img2img --routes jobs-json,generate-form --size 512 --steps 8
+  %(prog)s --cluster --kill-nodes --nodes 2 --jobs 40 --kill-every 20 --size 64 --steps 2   # a cluster of its own
 
 exit status: 0 no job lost and the pool back to full strength; 1 otherwise; 2 usage error or server unreachable.
 """
@@ -599,6 +623,10 @@ class Kill:
     recovery_s: float | None = None
     note: str = ""
 
+    @property
+    def target(self) -> str:
+        return f"slot {self.slot}"
+
 
 class Killer(threading.Thread):
     """Polls /status; kills a random ready-or-busy worker every kill_every seconds; times each recovery."""
@@ -622,6 +650,8 @@ class Killer(threading.Thread):
         self.status_errors = 0
         self.last_status_error = ""
         self.skipped_ticks = 0  # kill times at which no worker could be killed
+        self.problem_of: Callable[[dict[str, Any]], str | None] = pool_problem  # what full strength means
+        self.max_kills = 0  # stop killing after this many kills sent; 0: no limit
 
     def run(self) -> None:
         next_kill = self.started + self.kill_every
@@ -639,7 +669,7 @@ class Killer(threading.Thread):
             with self.lock:
                 self.latest, self.latest_at = status, now
                 self._track_recoveries(workers, now)
-            if self.kill_every > 0 and self.killing.is_set():
+            if self.kill_every > 0 and self.killing.is_set() and not self.done_killing():
                 if first and any(w.get("state") == "busy" for w in workers):
                     next_kill = min(next_kill, now)  # the first kill hits a running job
                 if now >= next_kill:
@@ -647,6 +677,12 @@ class Killer(threading.Thread):
                     self._kill_one(workers, now)
                     next_kill = max(next_kill + self.kill_every, now + self.kill_every / 2)
             self.stopped.wait(STATUS_INTERVAL_S)
+
+    def done_killing(self) -> bool:
+        return 0 < self.max_kills <= self.kills_sent()
+
+    def kills_sent(self) -> int:
+        return sum(k.outcome != "not sent" for k in self.kills)
 
     def snapshot(self) -> tuple[dict[str, Any] | None, float, list[Kill]]:
         with self.lock:
@@ -709,6 +745,124 @@ class Killer(threading.Thread):
             say(f"kill {kill.number} at {kill.at_s:.1f} s: slot {kill.slot} pid {pid} ({kill.state}{running})")
 
 
+@dataclass
+class NodeKill:
+    number: int
+    at_s: float  # since the start of the load
+    killed_at: float  # monotonic
+    node: str  # its node id
+    pid: int  # the node's own process (its process group's id)
+    worker_pids: list[int]  # its workers' pids, as the API node's /status said just before
+    jobs: list[str]  # the jobs it held (claimed, not yet reported ended), as its own /status said just before
+    outcome: str = "recovering"  # recovering | recovered | not sent
+    new_pid: int | None = None  # the restarted node's process
+    recovery_s: float | None = None
+    note: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"node {self.node}"
+
+
+class NodeKiller(Killer):
+    """Kills whole worker nodes of the tool's own cluster (SIGKILL to the process group) and restarts each at once;
+    a node has recovered when the API node's /status lists it with every worker ready or busy under a new pid."""
+
+    def __init__(
+        self, base: str, api_key: str | None, kill_every: float, cluster: Cluster, seed: int, started: float
+    ) -> None:
+        super().__init__(base, api_key, kill_every, None, seed, started)
+        self.cluster = cluster
+        self.problem_of = cluster.problem
+        self.node_kills: list[NodeKill] = []
+        self.node_restarts = 0
+
+    def kills_sent(self) -> int:
+        return sum(k.outcome != "not sent" for k in self.node_kills)
+
+    def snapshot(self) -> tuple[dict[str, Any] | None, float, list[NodeKill]]:  # type: ignore[override]
+        with self.lock:
+            return self.latest, self.latest_at, [k for k in self.node_kills if k.outcome == "recovering"]
+
+    def _node(self, node_id: str) -> Node:
+        return next(node for node in self.cluster.nodes if node.node_id == node_id)
+
+    def _track_recoveries(self, workers: list[dict[str, Any]], now: float) -> None:
+        for kill in self.node_kills:
+            if kill.outcome != "recovering":
+                continue
+            node = self._node(kill.node)
+            if node.process is not None and node.process.poll() is not None and not kill.note:
+                kill.note = f"the restarted node exited with {node.process.returncode} (see {node.log_path})"
+                say(f"  node {kill.node}: {kill.note}")
+            own = [w for w in workers if w.get("node") == kill.node]
+            pids = [w.get("pid") for w in own]
+            if (
+                len(own) == self.cluster.workers_per_node
+                and all(w.get("state") in ("ready", "busy") for w in own)
+                and all(pids)
+                and not set(pids) & set(kill.worker_pids)
+            ):
+                kill.outcome, kill.new_pid, kill.recovery_s = "recovered", node.pid, now - kill.killed_at
+                say(
+                    f"  node {kill.node} back as pid {node.pid} (workers {', '.join(str(p) for p in pids)}), "
+                    f"{kill.recovery_s:.2f} s after kill {kill.number}"
+                )
+
+    def _kill_one(self, workers: list[dict[str, Any]], now: float) -> None:
+        with self.lock:
+            recovering = {k.node for k in self.node_kills if k.outcome == "recovering"}
+        candidates = []
+        for node in self.cluster.nodes:
+            own = [w for w in workers if w.get("node") == node.node_id]
+            up = own and all(w.get("state") in ("ready", "busy") and w.get("pid") for w in own)
+            if up and node.node_id not in recovering and node.pid is not None:
+                candidates.append((node, own))
+        if not candidates:
+            self.skipped_ticks += 1
+            return
+        node, own = self.rng.choice(candidates)
+        try:  # the node's own view is current; the API node's lags by up to two reports
+            _, body = request_json(self.session, "GET", f"{node.url}/status", timeout=2)
+            held = [str(job) for job in (body.get("node") or {}).get("held_jobs") or []]
+        except ToolError:
+            held = [str(w["current_job"]) for w in own if w.get("current_job")]
+        kill = NodeKill(
+            number=len(self.node_kills) + 1,
+            at_s=now - self.started,
+            killed_at=now,
+            node=node.node_id,
+            pid=node.pid or 0,
+            worker_pids=[int(w["pid"]) for w in own],
+            jobs=held,
+        )
+        with self.cluster.lock:  # never a launch after the cluster's stop began
+            if self.cluster.stopping:
+                return
+            try:
+                kill.pid = node.kill()
+                kill.killed_at = time.monotonic()
+                kill.at_s = kill.killed_at - self.started
+            except (ServerError, OSError) as exc:
+                kill.outcome, kill.note = "not sent", str(exc)
+            else:
+                try:
+                    node.launch()  # at once, as an orchestrator restarts a crashed container
+                    self.node_restarts += 1
+                except OSError as exc:  # it stays down: the run ends short of full strength
+                    kill.note = f"could not start it again: {exc}"
+        with self.lock:
+            self.node_kills.append(kill)
+        running = f", holding {', '.join(job[:8] for job in kill.jobs)}" if kill.jobs else ", holding no job"
+        if kill.outcome == "not sent":
+            say(f"kill {kill.number}: node {kill.node} pid {kill.pid} NOT killed: {kill.note}")
+        else:
+            say(
+                f"kill {kill.number} at {kill.at_s:.1f} s: node {kill.node} pid {kill.pid} and its process group "
+                f"(workers {', '.join(str(p) for p in kill.worker_pids)}{running}); restarted as pid {node.pid}"
+            )
+
+
 # --- pool strength ----------------------------------------------------------------------------------------------
 
 
@@ -730,12 +884,17 @@ def pool_problem(status: dict[str, Any]) -> str | None:
     return None
 
 
-def wait_full_strength(session: requests.Session, base: str, timeout: float) -> tuple[dict[str, Any], str | None]:
+def wait_full_strength(
+    session: requests.Session,
+    base: str,
+    timeout: float,
+    problem_of: Callable[[dict[str, Any]], str | None] = pool_problem,
+) -> tuple[dict[str, Any], str | None]:
     """Poll /status until full strength or timeout → (last status, problem or None). ToolError when unreachable."""
     deadline = time.monotonic() + timeout
     while True:
         _, status = request_json(session, "GET", f"{base}/status", timeout=LOOKUP_TIMEOUT_S)
-        problem = pool_problem(status)
+        problem = problem_of(status)
         if problem is None or time.monotonic() >= deadline:
             return status, problem
         time.sleep(0.1)
@@ -748,11 +907,11 @@ def wait_recovered(killer: Killer, timeout: float) -> tuple[dict[str, Any] | Non
     while True:
         status, at, recovering = killer.snapshot()
         fresh = status is not None and time.monotonic() - at < 5
-        problem = pool_problem(status) if status is not None else "no /status answer"
+        problem = killer.problem_of(status) if status is not None else "no /status answer"
         if not fresh:
             problem = f"/status does not answer ({killer.last_status_error or 'no answer yet'})"
         elif problem is None and recovering:
-            problem = ", ".join(f"slot {k.slot} not back since kill {k.number}" for k in recovering)
+            problem = ", ".join(f"{k.target} not back since kill {k.number}" for k in recovering)
         silent_for = time.monotonic() - at
         if problem is None or silent_for > 30 or time.monotonic() >= deadline:
             return status, problem
@@ -867,6 +1026,74 @@ def pool_table(
     return table
 
 
+def node_kills_table(kills: list[NodeKill]) -> Table:
+    """One row per node kill; "held" is the jobs the node held (claimed and not reported ended) as its own /status
+    said just before the kill: these come back through their leases."""
+    table = Table(title="node kills", title_justify="left")
+    for name in ("#", "at s", "node", "pid", "held", "outcome", "new pid", "recovery s"):
+        table.add_column(name, justify="left" if name in ("node", "held", "outcome") else "right", no_wrap=True)
+    for k in kills:
+        table.add_row(
+            str(k.number),
+            f"{k.at_s:.1f}",
+            k.node,
+            str(k.pid),
+            ", ".join(job[:8] for job in k.jobs) or "nothing",
+            k.outcome,
+            str(k.new_pid or "-"),
+            f"{k.recovery_s:.2f}" if k.recovery_s is not None else "-",
+        )
+    return table
+
+
+def cluster_table(
+    cluster: Cluster, after: dict[str, Any] | None, problem: str | None, killer: Killer, results: list[JobResult]
+) -> Table:
+    cancels = Counter(r.cancel for r in results if r.cancel is not None)
+    table = Table(title="cluster and run", title_justify="left")
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row(
+        "worker nodes", f"{len(cluster.nodes)} x {cluster.workers_per_node} CPU worker(s), lease {cluster.lease_s:g} s"
+    )
+    if isinstance(killer, NodeKiller):
+        kills = killer.node_kills
+        sent = sum(k.outcome != "not sent" for k in kills)
+        recoveries = sorted(k.recovery_s for k in kills if k.recovery_s is not None)
+        table.add_row("node kills sent", f"{sent} ({killer.skipped_ticks} kill times skipped: no node up)")
+        table.add_row("node restarts", str(killer.node_restarts))
+        by_task = {r.task_id: r for r in results if r.task_id}
+        held = [by_task.get(job) for k in kills for job in k.jobs]
+        fates = Counter(
+            "not this run's" if r is None else f"{r.outcome}: {r.reason}" if r.reason else r.outcome for r in held
+        )
+        table.add_row(
+            "jobs held by killed nodes",
+            f"{len(held)}, now " + ", ".join(f"{fate} {n}" for fate, n in sorted(fates.items())) if held else "none",
+        )
+        table.add_row("recovered", f"{len(recoveries)} of {sent}")
+        if recoveries:
+            table.add_row(
+                "recovery s (min / p50 / max)",
+                f"{recoveries[0]:.2f} / {recoveries[len(recoveries) // 2]:.2f} / {recoveries[-1]:.2f}",
+            )
+    if after is not None:
+        table.add_row("nodes listed", ", ".join(str(n.get("node_id")) for n in after.get("nodes") or []) or "none")
+        table.add_row(
+            "worker states",
+            ", ".join(f"{w.get('node')}/{w.get('slot')}:{w.get('state')}" for w in after.get("workers") or []),
+        )
+    table.add_row("full strength", "yes" if problem is None else escape(f"NO: {problem}"))
+    unanswered = [r for r in results if r.no_answer is not None]
+    if unanswered:
+        found = sum(r.outcome != "lost" for r in unanswered)
+        table.add_row("no HTTP answer", f"{len(unanswered)} submissions ({found} found afterwards by their prompt)")
+    table.add_row("cancel requests", ", ".join(f"{k}: {v}" for k, v in sorted(cancels.items())) or "none")
+    if killer.status_errors:
+        table.add_row("/status errors", escape(f"{killer.status_errors} (last: {killer.last_status_error})"))
+    return table
+
+
 def total_restarts(status: dict[str, Any] | None) -> int:
     return int(((status or {}).get("concurrent_manager") or {}).get("total_restarts") or 0)
 
@@ -875,7 +1102,7 @@ def restarts_during(before: dict[str, Any], after: dict[str, Any] | None) -> int
     return total_restarts(after) - total_restarts(before) if after is not None else 0
 
 
-def last_line(results: list[JobResult], restarts: int, kills: list[Kill]) -> str:
+def last_line(results: list[JobResult], restarts: int, kills: list[Kill] | list[NodeKill]) -> str:
     counts = Counter(r.outcome for r in results)
     reasons = Counter(r.reason or "unknown" for r in results if r.outcome == "failed")
     failed = f"failed {counts['failed']}"
@@ -889,7 +1116,7 @@ def last_line(results: list[JobResult], restarts: int, kills: list[Kill]) -> str
     )
 
 
-def write_report(path: Path, results: list[JobResult], kills: list[Kill]) -> None:
+def write_report(path: Path, results: list[JobResult], kills: list[Kill] | list[NodeKill]) -> None:
     with path.open("w") as out:
         for r in results:
             out.write(json.dumps({"kind": "job", **asdict(r)}) + "\n")
@@ -917,7 +1144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and async, priorities, cancels) while SIGKILLing a random worker every few seconds, then account for\n"
         "every job (completed, failed, canceled, refused or LOST) and check that the pool gets back to full\n"
         "strength. The last output line sums it up: 'jobs sent N, completed C, failed F (reason: count, ...),\n"
-        "canceled X, refused R, lost L, restarts K, longest recovery S.SSs'.",
+        "canceled X, refused R, lost L, restarts K, longest recovery S.SSs'. With --cluster --kill-nodes it\n"
+        "starts a Redis cluster of its own and SIGKILLs (and restarts) whole worker nodes instead.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -931,6 +1159,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SIGKILL a random ready or busy worker this often while the load runs; the first kill comes when a "
         "worker is first seen busy; 0 disables the kills (needed for a server on another machine) "
         "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-kills",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop killing after N kills (workers, or nodes with --kill-nodes); 0: no limit (default %(default)s)",
     )
     parser.add_argument(
         "--concurrency", type=int, default=8, metavar="N", help="jobs in flight at once (default %(default)s)"
@@ -1010,13 +1245,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="also write every job and kill as JSON lines to FILE, for digging into a failure",
     )
+    add_cluster_arguments(parser)
     args = parser.parse_args(argv)
+    check_cluster_arguments(parser, args)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if args.kill_every < 0:
         parser.error("--kill-every must not be negative (0 disables the kills)")
+    if args.max_kills < 0:
+        parser.error("--max-kills must not be negative (0: no limit)")
     if not 0 <= args.cancel_fraction <= 1:
         parser.error("--cancel-fraction must be between 0 and 1")
     if args.cancel_delay < 0:
@@ -1031,6 +1270,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--job-timeout and --recovery-timeout must be positive")
     args.url = args.url.rstrip("/")
     return args
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "cluster mode (starts a Redis, an API node and worker nodes of its own on this machine)"
+    )
+    group.add_argument(
+        "--cluster",
+        action="store_true",
+        help="start a cluster of its own (cluster.backend redis: a redis-server on a free port, one API node, "
+        "--nodes worker nodes, the embedded model on the CPU) and send the load to its API node instead of --url",
+    )
+    group.add_argument(
+        "--kill-nodes",
+        action="store_true",
+        help="with --cluster: every --kill-every seconds SIGKILL a whole worker node (its process group: node, "
+        "forkserver, workers) and restart it at once, instead of killing single workers",
+    )
+    group.add_argument(
+        "--nodes", type=int, default=2, metavar="N", help="worker nodes of --cluster (default %(default)s)"
+    )
+    group.add_argument(
+        "--node-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU workers of each worker node, one torch thread each (default %(default)s)",
+    )
+    group.add_argument(
+        "--lease",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="the cluster's cluster.lease_s: how soon a killed node's jobs go back to the queue (default %(default)s)",
+    )
+    group.add_argument(
+        "--cluster-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the cluster's configs, logs, Redis folder and results in DIR (default: a temporary folder, "
+        "removed at exit)",
+    )
+    add_embedded_cache_argument(group)  # type: ignore[arg-type]
+
+
+def check_cluster_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.kill_nodes and not args.cluster:
+        parser.error("--kill-nodes needs --cluster: the tool kills and restarts only nodes it started itself")
+    if not args.cluster:
+        return
+    if args.url != DEFAULT_URL:
+        parser.error("--cluster sends the load to the API node it starts: leave --url out")
+    if args.kill_every > 0 and not args.kill_nodes:
+        parser.error(
+            "--cluster kills whole worker nodes (add --kill-nodes) or nothing (--kill-every 0); "
+            "killing single workers is for a one-machine server at --url"
+        )
+    if args.nodes < 1 or args.node_workers < 1:
+        parser.error("--nodes and --node-workers must be at least 1")
+    if args.lease < 0.5:
+        parser.error("--lease must be at least 0.5 (cluster.lease_s)")
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -1073,6 +1374,10 @@ def print_header(args: argparse.Namespace, status: dict[str, Any], modes: tuple[
     model = status.get("model") or {}
     embedded = " (embedded random-weight test model)" if model.get("embedded_test_model") else ""
     kills = f"every {args.kill_every:g} s" if args.kill_every > 0 else "off"
+    if args.kill_every > 0 and args.kill_nodes:
+        kills += " a whole worker node (SIGKILL to its process group), restarted at once"
+    if args.kill_every > 0 and args.max_kills:
+        kills += f", at most {args.max_kills}"
     say(f"GenServe chaos run {run_id} against {args.url}")
     say(
         f"  server:  {len(workers)} workers [{', '.join(str(w.get('device')) for w in workers)}], "
@@ -1088,11 +1393,19 @@ def print_header(args: argparse.Namespace, status: dict[str, Any], modes: tuple[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cluster:
+        return run_with_cluster(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace, cluster: Cluster | None = None) -> int:
+    """The chaos run against args.url: a one-machine server, or the API node of the tool's own cluster."""
     session = make_session(args.api_key)
+    problem_of = cluster.problem if cluster is not None else pool_problem
     try:
         request_json(session, "GET", f"{args.url}/status", timeout=LOOKUP_TIMEOUT_S)
-        guard = KillGuard(args.url) if args.kill_every > 0 else None
-        before, problem = wait_full_strength(session, args.url, args.recovery_timeout)
+        guard = KillGuard(args.url) if args.kill_every > 0 and cluster is None else None
+        before, problem = wait_full_strength(session, args.url, args.recovery_timeout, problem_of)
     except ToolError as exc:
         fail(str(exc), 2)
     if problem is not None:
@@ -1106,7 +1419,13 @@ def main(argv: list[str] | None = None) -> int:
     print_header(args, before, modes, run_id)
     load = Load(args, make_images(args.size, args.seed))
     started_wall, started = time.time(), time.monotonic()
-    killer = Killer(args.url, args.api_key, args.kill_every, guard, args.seed, started)
+    killer: Killer
+    if cluster is not None and args.kill_nodes:
+        killer = NodeKiller(args.url, args.api_key, args.kill_every, cluster, args.seed, started)
+    else:
+        killer = Killer(args.url, args.api_key, args.kill_every, guard, args.seed, started)
+        killer.problem_of = problem_of
+    killer.max_kills = args.max_kills
     killer.killing.set()
     killer.start()
     try:
@@ -1121,17 +1440,25 @@ def main(argv: list[str] | None = None) -> int:
         fail("interrupted", 130)
     finally:
         killer.stopped.set()
-    killer.join(timeout=LOOKUP_TIMEOUT_S + 1)
+        killer.join(timeout=LOOKUP_TIMEOUT_S + 1)  # before a cluster of its own is stopped: no restart after
 
     console.print()
     console.print(jobs_table(results))
     reasons = reasons_table(results)
     if reasons is not None:
         console.print(reasons)
-    if killer.kills:
+    kills: list[Kill] | list[NodeKill] = killer.kills
+    if isinstance(killer, NodeKiller):
+        kills = killer.node_kills
+        if kills:
+            console.print(node_kills_table(killer.node_kills))
+    elif killer.kills:
         console.print(kills_table(killer.kills))
-    console.print(pool_table(before, after, problem, killer, results))
-    for k in killer.kills:
+    if cluster is not None:
+        console.print(cluster_table(cluster, after, problem, killer, results))
+    else:
+        console.print(pool_table(before, after, problem, killer, results))
+    for k in kills:
         if k.note:
             say(f"kill {k.number} ({k.outcome}): {k.note}")
     for r in results:
@@ -1143,7 +1470,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"MISMATCH job #{r.plan.index} ({r.plan.mode}): {r.mismatch}")
     if args.report is not None:
         try:
-            write_report(args.report, results, killer.kills)
+            write_report(args.report, results, kills)
             say(f"every job and kill written to {args.report}")
         except OSError as exc:
             say(f"could not write --report {args.report}: {exc}")
@@ -1151,8 +1478,53 @@ def main(argv: list[str] | None = None) -> int:
     mismatches = sum(r.mismatch is not None for r in results)
     if problem is not None:
         say(f"pool NOT back to full strength within {args.recovery_timeout:g} s: {problem}")
-    say(last_line(results, restarts_during(before, after), killer.kills))
+    restarts = killer.node_restarts if isinstance(killer, NodeKiller) else restarts_during(before, after)
+    say(last_line(results, restarts, kills))
     return 0 if lost == 0 and mismatches == 0 and problem is None else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the cluster of its own is stopped on the way out
+
+
+def cluster_sections(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Config sections of the worker nodes and of the API node."""
+    model = {"embedded_cache_dir": str(args.embedded_cache), "modes": list(args.modes)}
+    queue = {"max_size": max(100, 2 * args.jobs)}
+    node = {
+        "model": model,
+        "queue": queue,
+        "workers": {"cpu_workers": args.node_workers, "cpu_threads": 1, "restart_backoff_s": 0.2},
+    }
+    return node, {"model": model, "queue": queue}
+
+
+def run_with_cluster(args: argparse.Namespace) -> int:
+    """Start the cluster, run against its API node, stop it whatever happens (Ctrl-C and SIGTERM included)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    node_config, api_config = cluster_sections(args)
+    say(
+        f"starting a cluster: redis-server, one API node, {args.nodes} worker node(s) x {args.node_workers} CPU "
+        f"worker(s), modes {','.join(args.modes)}, lease {args.lease:g} s"
+        + (f"; configs and logs in {args.cluster_dir}" if args.cluster_dir else "")
+    )
+    began = time.monotonic()
+    try:
+        with own_cluster(
+            node_config, args.nodes, args.recovery_timeout, api_config, lease_s=args.lease, keep=args.cluster_dir
+        ) as cluster:
+            assert cluster.api is not None
+            args.url = cluster.api.url
+            say(
+                f"cluster up in {time.monotonic() - began:.1f} s: Redis {cluster.redis.url} "
+                f"(redis-server {cluster.redis.version()}), API node {cluster.api.url}, worker nodes "
+                + ", ".join(f"{n.node_id} (pid {n.pid})" for n in cluster.nodes)
+            )
+            return run(args, cluster)
+    except ServerError as exc:
+        fail(f"the cluster did not start: {exc}", 2)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
 
 
 if __name__ == "__main__":
