@@ -28,7 +28,7 @@ from genserve import logs
 from genserve.auth import ANYONE, Caller
 from genserve.cluster.mirror import mirror_of_record
 from genserve.config import Config
-from genserve.errors import AlreadyEnded, NotFound, TooManyRequests
+from genserve.errors import AlreadyEnded, GenServeError, NotFound, TooManyRequests
 from genserve.jobs import Job, JobEvent, JobListener, JobState, result_json
 from genserve.messages import CancelReason
 from genserve.persistence import PersistenceWriter
@@ -130,15 +130,23 @@ class JobManager:
             self.supervisor.submit_all(jobs)
         except BaseException:
             for job in jobs:
-                with self._lock:
-                    self._live.pop(job.id, None)
-                self.store.delete(job.id)
-                self.store.remove_inputs(job.id)
-                self.webhooks.unwatch(job.id)
+                self._withdraw(job.id)
             raise
         with logs.job_context((job.id, request_id or "") for job in jobs):
             log.info("queued %s (key %s)", ", ".join(f"{job.request.mode} job {job.id}" for job in jobs), owner or "-")
         return jobs
+
+    def _withdraw(self, job_id: str) -> None:
+        """Undo a submission that failed: nothing of the job may stay, even if its record cannot be deleted now
+        (a cluster's Redis went down: the record then stays queued, and no node will ever claim it)."""
+        with self._lock:
+            self._live.pop(job_id, None)
+        self.store.remove_inputs(job_id)
+        self.webhooks.unwatch(job_id)
+        try:
+            self.store.delete(job_id)
+        except GenServeError as error:
+            log.error("job %s was refused, but its record could not be deleted: %s", job_id, error)
 
     def _record(self, job: Job, prepared: PreparedJob) -> None:
         """Write the job's input files and its record; its request now names the files and the output path."""

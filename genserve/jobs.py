@@ -233,8 +233,16 @@ class Job:
             self.step, self.total_steps, self.step_elapsed_s = step, total_steps, elapsed_s
             self._emit("progress", self.progress_data())
 
-    def finish(self, state: JobState, *, result: JobResult | None = None, error: GenServeError | None = None) -> bool:
+    def finish(
+        self,
+        state: JobState,
+        *,
+        result: JobResult | None = None,
+        error: GenServeError | None = None,
+        finished_at: float | None = None,
+    ) -> bool:
         """End the job. Idempotent: the first end wins (a late worker message for a timed-out job is dropped).
+        ``finished_at``: when it ended, if not now (a cluster's mirror learns it from the node that ended it).
 
         Returns whether this call ended it."""
         with self._lock:
@@ -243,7 +251,7 @@ class Job:
             self.state = state
             self.result = result
             self.error = error
-            self.finished_at = time.time()
+            self.finished_at = time.time() if finished_at is None else finished_at
             if state is JobState.COMPLETED:
                 self.step = self.total_steps or self.request.num_inference_steps
             self._emit(state.value, self._terminal_data())
@@ -277,7 +285,7 @@ class Job:
         return data
 
     def _terminal_data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"task_id": self.id, "status": self.state.value}
+        data: dict[str, Any] = {"task_id": self.id, "status": self.state.value, "finished_at": self.finished_at}
         if self.result is not None:
             result = self.result
             data["result"] = result_json(self.id, result.seed, result.width, result.height, result.image_bytes)

@@ -134,9 +134,9 @@ class ClusterDispatcher:
         if not self._snapshot.can_take_jobs:
             raise NotReady(self.not_ready_reason(), headers=self._retry())
         items = [QueueItem(job.id, job.priority, pack(job), job.schedule.group) for job in jobs]
-        for job in jobs:
-            self._follower.follow(job)  # before the submit: a job's first event may come a millisecond after it
         try:
+            for job in jobs:
+                self._follower.follow(job)  # before the submit: a job's first event may come a millisecond after it
             self._queue.submit_all(items)
         except BaseException:
             for job in jobs:

@@ -50,16 +50,17 @@ def apply_event(job: Job, event: JobEvent, image_path: str = "") -> None:
             elapsed = eta * step / (total - step) if total > step else job.step_elapsed_s  # what eta was made from
             job.mark_progress(step, total, elapsed)
         case "completed":
-            job.finish(JobState.COMPLETED, result=_result(job, data, image_path))
+            job.finish(JobState.COMPLETED, result=_result(job, data, image_path), finished_at=data.get("finished_at"))
         case "failed":
             error = data.get("error") or {}
-            job.finish(JobState.FAILED, error=job_error(error.get("type", "job_failed"), error.get("message", "")))
+            failure = job_error(error.get("type", "job_failed"), error.get("message", ""))
+            job.finish(JobState.FAILED, error=failure, finished_at=data.get("finished_at"))
         case "canceled":
             reason = data.get("cancel_reason")
             if reason in {member.value for member in CancelReason}:
                 job.schedule.cancel_reason = CancelReason(reason)
             message = (data.get("error") or {}).get("message") or f"job was canceled ({reason})"
-            job.finish(JobState.CANCELED, error=JobCanceled(message))
+            job.finish(JobState.CANCELED, error=JobCanceled(message), finished_at=data.get("finished_at"))
 
 
 def _result(job: Job, data: dict[str, Any], image_path: str) -> JobResult:
