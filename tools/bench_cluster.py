@@ -66,10 +66,10 @@ from typing import Any
 
 import psutil
 import requests
-from _cluster import Cluster, own_cluster
 from rich.console import Console
 from rich.table import Table
 
+from _cluster import Cluster, own_cluster
 from _measure import versions
 from _server import ServerError, add_embedded_cache_argument, local_server
 

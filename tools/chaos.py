@@ -99,12 +99,12 @@ from urllib.parse import urlsplit
 
 import psutil
 import requests
-from _cluster import Cluster, Node, own_cluster
 from PIL import Image, ImageDraw
 from rich.markup import escape
 from rich.table import Table
 
 from _cli import DEFAULT_URL, ToolError, add_connection_arguments, console, fail, make_session, request_json
+from _cluster import Cluster, Node, own_cluster
 from _procs import api_process_of, listens_on
 from _server import ServerError, add_embedded_cache_argument
 
