@@ -212,7 +212,7 @@ class EventFollower:
                 self._nudge_after = entries[-1][0].decode()
                 continue
             job_id = key[len(self._events.key("")) :]
-            for event in self._events._parse(job_id, [(key, entries)]):
+            for event in self._events.parse(job_id, [(key, entries)]):
                 self._apply(job_id, event)
 
     def _apply(self, job_id: str, event: JobEvent) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,3 @@ def unpack(payload: bytes, *, input_dir: Path, output_path: Path, attempts: int)
         request_id=body.get("request_id"),
     )
     return Unpacked(job=job, deadline_at=deadline_at)
-
-
-def without_inputs(request: JobRequest) -> JobRequest:
-    """The request with its input files dropped (a mirror on an API node never runs it)."""
-    return replace(request, input_image=None, mask_image=None, control_image=None)

@@ -3,9 +3,10 @@
 ``RedisJobRecords`` is the record half of ``genserve.store.ResultStore`` (insert, update, apply, delete, get, list,
 count, with the same arguments and answers), so the wiring swaps it in for SQLite when ``cluster.backend`` is
 ``redis``. ``RedisJobEvents`` carries a job's events (queued, started, progress, completed …) between nodes on a
-Redis stream per job: the worker node that runs a job publishes, and whichever API node a client talks to reads
-(``AsyncRedisJobEvents`` on the API's event loop) for /jobs/{id}/events, a sync /generate wait or webhooks.
-Both live in every node and talk to one Redis through redis-py (the synchronous client is thread-safe).
+Redis stream per job: the node that decides a change publishes (genserve.cluster.ledger), and each API node's
+event follower (genserve.cluster.mirror) reads the streams of the jobs it mirrors, for /jobs/{id}/events, sync
+waits and webhooks. Both live in every node and talk to one Redis through redis-py (the synchronous client is
+thread-safe).
 
 Key layout (every key under ``prefix``, default ``genserve:``, the prefix of the queue in ``redis_queue``):
 
@@ -55,20 +56,17 @@ Redis that cannot be reached raises ``QueueUnavailable`` (HTTP 503), the queue's
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from typing import Any, cast
 
 import redis
-import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from genserve.cluster.redis_queue import (
@@ -81,7 +79,7 @@ from genserve.cluster.redis_queue import (
 from genserve.jobs import JobEvent
 from genserve.store import JSON_COLUMNS, JobRecord
 
-__all__ = ["AsyncRedisJobEvents", "QueueUnavailable", "RedisJobEvents", "RedisJobRecords", "stream_id"]
+__all__ = ["QueueUnavailable", "RedisJobEvents", "RedisJobRecords", "stream_id"]
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +432,7 @@ def stream_id(event: JobEvent) -> str:
 
 
 class _EventStreams:
-    """What the blocking and the asyncio readers share: the stream layout, the publish arguments and the parsing."""
+    """The stream layout, the publish arguments and the parsing of entries (the event follower parses too)."""
 
     def __init__(
         self,
@@ -469,7 +467,7 @@ class _EventStreams:
         return max(1, round(min(remaining, self.max_block_s) * 1000))
 
     @staticmethod
-    def _parse(job_id: str, reply: Any) -> list[JobEvent]:
+    def parse(job_id: str, reply: Any) -> list[JobEvent]:
         """XREAD's reply ([[stream, [(id, {field: value}), …]]], or nothing) as JobEvents."""
         events = []
         for _stream, entries in reply or []:
@@ -518,11 +516,11 @@ class RedisJobEvents(_EventStreams):
         key = self.key(job_id)
         if block_s is None:
             with self._errors():
-                return self._parse(job_id, self._client.xread({key: after}))
+                return self.parse(job_id, self._client.xread({key: after}))
         deadline = time.monotonic() + block_s
         while (block_ms := self._slice_ms(deadline)) is not None:
             with self._errors():
-                events = self._parse(job_id, self._client.xread({key: after}, block=block_ms))
+                events = self.parse(job_id, self._client.xread({key: after}, block=block_ms))
             if events:
                 return events
         return []
@@ -542,63 +540,6 @@ class RedisJobEvents(_EventStreams):
 
     def close(self) -> None:
         self._client.close()
-
-    def _errors(self) -> AbstractContextManager[None]:
-        return redis_errors("job events'", self._where)
-
-
-class AsyncRedisJobEvents(_EventStreams):
-    """Job events on Redis streams for the API process's event loop (redis.asyncio): the same streams as
-    ``RedisJobEvents``. A blocked ``read`` holds one pooled connection; cancelling the awaiting task ends it."""
-
-    def __init__(self, client: redis.asyncio.Redis, **settings: Any) -> None:
-        """``settings``: prefix, ttl_s, unfinished_ttl_s, max_events, max_block_s (see _EventStreams)."""
-        super().__init__(**settings)
-        self._client = client
-        self._where = redis_where(client)
-        self._publish = client.register_script(_PUBLISH)
-
-    @classmethod
-    def connect(cls, url: str, *, socket_timeout_s: float = 5.0, **options: Any) -> AsyncRedisJobEvents:
-        client = redis.asyncio.Redis.from_url(
-            url, retry=AsyncRetry(retry_backoff(), retries=2), **client_options(socket_timeout_s)
-        )
-        options.setdefault("max_block_s", max(0.05, socket_timeout_s - 1.0))
-        return cls(client, **options)
-
-    async def publish(self, job_id: str, kind: str, data: Mapping[str, Any], at: float | None = None) -> str:
-        """As ``RedisJobEvents.publish`` (an API node publishes ``queued``, and ``canceled`` for a queued job)."""
-        with self._errors():
-            entry_id = await self._publish(keys=[self.key(job_id)], args=self._publish_args(kind, data, at))
-        return cast(bytes, entry_id).decode()
-
-    async def read(self, job_id: str, after: str = "0", block_s: float | None = None) -> list[JobEvent]:
-        """As ``RedisJobEvents.read``."""
-        key = self.key(job_id)
-        if block_s is None:
-            with self._errors():
-                return self._parse(job_id, await self._client.xread({key: after}))
-        deadline = time.monotonic() + block_s
-        while (block_ms := self._slice_ms(deadline)) is not None:
-            with self._errors():
-                events = self._parse(job_id, await self._client.xread({key: after}, block=block_ms))
-            if events:
-                return events
-        return []
-
-    async def follow(
-        self, job_id: str, after: str = "0", block_s: float = 1.0, stop: asyncio.Event | None = None
-    ) -> AsyncIterator[JobEvent]:
-        """As ``RedisJobEvents.follow``; cancelling the consuming task stops it at once."""
-        while stop is None or not stop.is_set():
-            for event in await self.read(job_id, after, block_s=block_s):
-                yield event
-                if event.kind in TERMINAL_KINDS:
-                    return
-                after = stream_id(event)
-
-    async def close(self) -> None:
-        await self._client.aclose()
 
     def _errors(self) -> AbstractContextManager[None]:
         return redis_errors("job events'", self._where)

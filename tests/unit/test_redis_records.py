@@ -3,7 +3,6 @@ reference for every record answer."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import random
 import statistics
@@ -18,7 +17,6 @@ import pytest
 import redis
 
 from genserve.cluster.redis_records import (
-    AsyncRedisJobEvents,
     QueueUnavailable,
     RedisJobEvents,
     RedisJobRecords,
@@ -328,33 +326,6 @@ def test_a_finished_stream_gets_its_ttl_and_streams_stay_short(redis_server: Red
     events.close()
 
 
-def test_the_asyncio_reader_follows_the_same_streams(redis_server: RedisServer) -> None:
-    prefix = unique_prefix()
-    publisher = RedisJobEvents.connect(redis_server.url, prefix=prefix)
-
-    async def scenario() -> list[JobEvent]:
-        reader = AsyncRedisJobEvents.connect(redis_server.url, prefix=prefix)
-        try:
-            assert await reader.publish("job-a", "queued", {"position": 3}) == "1-0"
-            assert await reader.read("job-a", block_s=0.05) == publisher.read("job-a")
-            later = threading.Timer(0.2, publisher.publish, args=("job-a", "started", {}))
-            final = threading.Timer(0.3, publisher.publish, args=("job-a", "canceled", {"reason": "user"}))
-            later.start()
-            final.start()
-            followed = [event async for event in reader.follow("job-a", block_s=5)]
-            stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(0.1, stop.set)
-            assert [event async for event in reader.follow("nothing", block_s=0.05, stop=stop)] == []
-            return followed
-        finally:
-            await reader.close()
-
-    followed = asyncio.run(scenario())
-    assert [(event.seq, event.kind) for event in followed] == [(1, "queued"), (2, "started"), (3, "canceled")]
-    assert followed[-1].data == {"reason": "user"}
-    publisher.close()
-
-
 # --- Redis trouble -------------------------------------------------------------------------------------------------
 
 
@@ -376,13 +347,4 @@ def test_an_unreachable_redis_is_queue_unavailable() -> None:
             call()
         assert raised.value.status_code == 503
 
-    async def read_async() -> None:
-        reader = AsyncRedisJobEvents.connect(url)
-        try:
-            await reader.read("x")
-        finally:
-            await reader.close()
-
-    with pytest.raises(QueueUnavailable, match="job events' Redis"):
-        asyncio.run(read_async())
     assert time.monotonic() - started < 10
