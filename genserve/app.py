@@ -213,7 +213,8 @@ def create_worker_node_app(
     config: Config, *, devices: list[str] | None = None, worker_target: WorkerTarget | None = None
 ) -> FastAPI:
     """A worker node (cluster.role worker): its supervisor and workers, fed from the cluster queue. Its HTTP port
-    serves only its own health: /health, /ready (a worker loaded and Redis reachable) and /status (its pool)."""
+    serves only what operators ask of it: /health, /ready (a worker loaded and Redis reachable), /status (its pool)
+    and /metrics (its pool, its GPUs, the jobs it ran) — with no API keys: keep it on a private network."""
     modes, notes = config.served_modes()
     for note in notes:
         log.warning(note)
@@ -221,6 +222,9 @@ def create_worker_node_app(
     cluster = ClusterParts.connect(config)
     node = _worker_node(config, cluster, modes, stop, devices, worker_target)
     service = NodeService(config=config, node=node, cluster=cluster, stop=stop)
+    # Its own pool, its GPUs (NVML on this host) and the jobs it ran: an API node sees none of its host's GPUs.
+    metrics = Metrics(node.supervisor, modes, config.defaults.priority)
+    node.listeners.append(metrics.on_job_event)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,17 +232,22 @@ def create_worker_node_app(
             log.warning(
                 "model.path is empty: this node serves the EMBEDDED RANDOM-WEIGHT TEST MODEL (images are noise)"
             )
+        if config.server.metrics_port:
+            metrics.serve_on_port(config.server.host, config.server.metrics_port)
         cluster.store.remove_all_inputs()
         service.start()
         try:
             yield
         finally:
             await asyncio.to_thread(service.close)
+            await asyncio.to_thread(metrics.close)
 
     app = FastAPI(title="GenServe worker node", version=__version__, lifespan=lifespan, openapi_url=None)
     app.state.service = service
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(node_routes.router)
+    app.include_router(metrics_routes.router)
     return app
 
 

@@ -34,7 +34,7 @@ from genserve.cluster.redis_queue import CancelSubscription, Claim, QueueUnavail
 from genserve.cluster.store import ClusterStore
 from genserve.config import Config
 from genserve.errors import GenServeError
-from genserve.jobs import TERMINAL_STATES, Job, JobEvent, JobState
+from genserve.jobs import TERMINAL_STATES, Job, JobEvent, JobListener, JobState
 from genserve.messages import CancelReason
 from genserve.supervisor import Supervisor, expire_in_queue
 
@@ -145,6 +145,7 @@ class WorkerNode:
         self._stop = threading.Event()
         self._cancel_subscription: CancelSubscription | None = None
         self.reporter = Reporter()
+        self.listeners: list[JobListener] = []  # more listeners every job it takes gets (its metrics)
         self._threads = [
             threading.Thread(target=self._run_claimer, name="genserve-claimer", daemon=True),
             threading.Thread(target=self._run_leases, name="genserve-leases", daemon=True),
@@ -227,6 +228,8 @@ class WorkerNode:
         with self._lock:
             self._held[job.id] = job
         job.add_listener(self._on_event)
+        for listener in self.listeners:
+            job.add_listener(listener)
         if unpacked.deadline_at <= time.time():
             expire_in_queue(job)  # the listener reports it and drops the lease
             return

@@ -273,6 +273,24 @@ def test_every_route_family_works_through_an_api_node(main: Main, gates: Gates, 
     assert queue.json() == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_worker_node_serves_the_metrics_of_its_own_pool_and_jobs(main: Main) -> None:
+    """An API node sees no worker's host: each worker node's own port serves its pool, its GPUs and its jobs."""
+    task_id = submit(main.a)
+    node_id = wait_status(main.a, task_id, "completed")["node"]
+    node = next(node for node in main.cluster.nodes if node.status().get("node", {}).get("node_id") == node_id)
+
+    def completed_here() -> float:
+        text = requests.get(f"{node.url}/metrics", timeout=10).text
+        assert 'genserve_workers{state="ready"} 1.0' in text, text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('genserve_jobs_finished_total{mode="text2img",outcome="completed"}')
+        )
+
+    assert wait_until(completed_here, 30, 0.1, f"node {node_id} to count the job it ran") >= 1
+
+
 def test_jobs_start_in_global_priority_order_whichever_api_node_took_them(
     main: Main, new_gate: Callable[[], str], gates: Gates
 ) -> None:
