@@ -81,6 +81,8 @@ class ClusterDispatcher:
         self._deadlines: list[tuple[float, int, Job]] = []
         self._deadline_order = itertools.count()
         self._deadline_cond = threading.Condition()
+        self._restarts: dict[str, tuple[int, int]] = {}  # node id -> (restarts of its earlier processes, its last)
+        self._restarts_lock = threading.Lock()  # the status thread and a drain may refresh at once
         self._snapshot = self._unavailable_snapshot("the cluster's status has not been read yet")
         self._threads = [
             threading.Thread(target=self._run_cancels, name="genserve-cancels", daemon=True),
@@ -295,7 +297,7 @@ class ClusterDispatcher:
             "concurrent_manager": {
                 "alive_processes": alive,
                 "dead_processes": len(workers) - alive,
-                "total_restarts": sum(node.status["concurrent_manager"]["total_restarts"] for node in nodes),
+                "total_restarts": self._total_restarts(nodes),
                 "global_queue_size": queue_size,
             },
             "workers": workers,
@@ -315,6 +317,18 @@ class ClusterDispatcher:
         }
         can_take = self._accepting and any(node.ever_ready or node.ready_workers for node in nodes)
         return ClusterSnapshot(body, ready, len(workers), reason, can_take)
+
+    def _total_restarts(self, nodes: list[NodeReport]) -> int:
+        """Worker restarts across the cluster, never going down: a node that restarts (or vanishes) keeps what it
+        counted before, so tools that take differences of it (chaos, performance_monitor) stay right."""
+        with self._restarts_lock:
+            for node in nodes:
+                count = int(node.status["concurrent_manager"]["total_restarts"])
+                before, last = self._restarts.get(node.node_id, (0, 0))
+                if count < last:  # a new process under the same node id counts from 0 again
+                    before += last
+                self._restarts[node.node_id] = (before, count)
+            return sum(before + last for before, last in self._restarts.values())
 
     def _overall(self, nodes: list[NodeReport], ready: int) -> tuple[str, str | None]:
         if not self._accepting:

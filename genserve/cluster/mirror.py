@@ -143,7 +143,8 @@ class EventFollower:
             self._nudge()
         except QueueUnavailable:
             pass
-        self._thread.join(timeout=self._block_s + 1)
+        if self._thread.is_alive():  # never started when its node failed to start
+            self._thread.join(timeout=self._block_s + 1)
 
     def follow(self, job: Job, after: str = "0") -> None:
         """Apply the job's events after stream id ``after`` from now on, until its terminal one."""
