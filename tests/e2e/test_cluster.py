@@ -465,3 +465,18 @@ def test_images_in_redis_when_nodes_share_no_folder(make_cluster: Callable[..., 
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content == worker_copy.read_bytes()
     assert not list(cluster.results.rglob("*.png"))  # the shared folder of the default setup was never used
+
+
+def test_a_node_in_role_all_serves_the_api_and_runs_the_jobs(make_cluster: Callable[..., Cluster]) -> None:
+    """--role all: an API node and a worker node in one process, in a cluster like any other node."""
+    cluster = make_cluster()
+    both = cluster.start("all", "both", in_process=True, wait_ready=False)
+    wait_for_workers(both, 1)
+    answer = both.generate(**SMALL_JOB, seed=5)
+    assert answer.status_code == 200, answer.text
+    assert view(both, answer.json()["task_id"])["node"] == "both"
+    status = both.status()
+    assert status["cluster"]["node_id"] == "both" and [node["node_id"] for node in status["nodes"]] == ["both"]
+    # A plain API node joining the cluster sends its jobs to the same worker.
+    api = cluster.start("api", "both-api", in_process=True)
+    assert view(api, api.completed_job(submit(api, seed=6))["task_id"])["node"] == "both"
