@@ -140,13 +140,18 @@ class GenServeProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+        return self._answers_200("/health")
+
+    def _answers_200(self, path: str) -> bool:
+        """One probe; no answer yet (refused, or a server just starting that is slow to reply on a loaded
+        machine) is a "not yet" for the caller's wait_until, whose own timeout decides when to give up."""
         try:
-            return requests.get(f"{self.url}/health", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(f"{self.url}{path}", timeout=2).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     def wait_ready(self, timeout: float = 180) -> None:
-        wait_until(lambda: requests.get(f"{self.url}/ready", timeout=2).status_code == 200, timeout, 0.1, "/ready")
+        wait_until(lambda: self._answers_200("/ready"), timeout, 0.1, "/ready")
 
     def wait_full_strength(self, timeout: float = 180) -> dict[str, Any]:
         """Every worker loaded and idle."""
