@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -52,15 +53,9 @@ def create_app(
         return create_worker_node_app(config, devices=devices, worker_target=worker_target)
     keyring = KeyRing.from_config(config)
     _warn_if_exposed(config, keyring)
-    modes, notes = config.served_modes()
-    for note in notes:
-        log.warning(note)
-    stop = StopControl()
-    service = (
-        _cluster_service(config, modes, stop, devices, worker_target)
-        if config.clustered
-        else _local_service(config, modes, stop, devices, worker_target)
-    )
+    pool = _Pool.of(config, devices, worker_target)
+    modes = pool.modes
+    service = _cluster_service(pool) if config.clustered else _local_service(pool)
     metrics = Metrics(service.supervisor, modes, config.defaults.priority)
     service.jobs.listeners.append(metrics.on_job_event)
 
@@ -124,15 +119,55 @@ def create_app(
     return app
 
 
-def _local_service(
-    config: Config,
-    modes: tuple[Mode, ...],
-    stop: StopControl,
-    devices: list[str] | None,
-    worker_target: WorkerTarget | None,
-) -> Service:
+@dataclass(frozen=True)
+class _Pool:
+    """What it takes to build a node's worker pool: its settings, served modes, devices and how it stops."""
+
+    config: Config
+    modes: tuple[Mode, ...]
+    stop: StopControl
+    devices: list[str] | None  # None: from workers.devices
+    worker_target: WorkerTarget | None  # None: the real worker
+
+    @classmethod
+    def of(cls, config: Config, devices: list[str] | None, worker_target: WorkerTarget | None) -> _Pool:
+        modes, notes = config.served_modes()
+        for note in notes:
+            log.warning(note)
+        return cls(config, modes, StopControl(), devices, worker_target)
+
+    def supervisor(self) -> Supervisor:
+        config = self.config
+        devices = self.devices if self.devices is not None else resolve_devices(config)
+        problems = hardware_problems(config, devices)
+        if problems:
+            raise ConfigError("settings this hardware cannot run: " + "; ".join(problems))
+        log.info("%d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(self.modes))
+        stop = self.stop
+        return Supervisor(
+            config,
+            devices,
+            self.modes,
+            worker_target=self.worker_target,
+            on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
+        )
+
+    def worker_node(self, cluster: ClusterParts) -> WorkerNode:
+        return WorkerNode(
+            self.config,
+            self.supervisor(),
+            cluster.queue,
+            cluster.ledger,
+            cluster.directory,
+            cluster.store,
+            cluster.node_id,
+        )
+
+
+def _local_service(pool: _Pool) -> Service:
     """One machine: the supervisor's in-process queue, SQLite records."""
-    supervisor = _supervisor(config, modes, stop, devices, worker_target)
+    config = pool.config
+    supervisor = pool.supervisor()
     store = ResultStore(expand_path(config.results.dir))
     interrupted = store.fail_interrupted()
     if interrupted:
@@ -141,71 +176,31 @@ def _local_service(
     jobs = JobManager(config, store, supervisor)
     catalogue = LoraCatalogue.from_config(config)  # reads nothing until a request needs it
     return Service(
-        config=config, modes=modes, supervisor=supervisor, jobs=jobs, store=store, stop=stop, loras=catalogue
+        config=config, modes=pool.modes, supervisor=supervisor, jobs=jobs, store=store, stop=pool.stop, loras=catalogue
     )
 
 
-def _cluster_service(
-    config: Config,
-    modes: tuple[Mode, ...],
-    stop: StopControl,
-    devices: list[str] | None,
-    worker_target: WorkerTarget | None,
-) -> Service:
+def _cluster_service(pool: _Pool) -> Service:
     """An API node of a cluster (role api), with a worker node in the same process (role all)."""
+    config = pool.config
     cluster = ClusterParts.connect(config)
     dispatcher = ClusterDispatcher(
         config, cluster.queue, cluster.ledger, cluster.follower(), cluster.directory, cluster.node_id
     )
-    node = _worker_node(config, cluster, modes, stop, devices, worker_target) if config.runs_workers else None
+    node = pool.worker_node(cluster) if config.runs_workers else None
     cluster.store.remove_all_inputs()  # this node's own inputs folder: another node's are elsewhere
     jobs = JobManager(config, cluster.store, dispatcher, cluster=dispatcher)
     log.info("cluster node %s (role %s) on Redis %s", cluster.node_id, config.cluster.role, cluster.queue.where)
     return Service(
         config=config,
-        modes=modes,
+        modes=pool.modes,
         supervisor=dispatcher,
         jobs=jobs,
         store=cluster.store,
-        stop=stop,
+        stop=pool.stop,
         loras=LoraCatalogue.from_config(config),
         node=node,
         cluster=cluster,
-    )
-
-
-def _supervisor(
-    config: Config,
-    modes: tuple[Mode, ...],
-    stop: StopControl,
-    devices: list[str] | None,
-    worker_target: WorkerTarget | None,
-) -> Supervisor:
-    devices = devices if devices is not None else resolve_devices(config)
-    problems = hardware_problems(config, devices)
-    if problems:
-        raise ConfigError("settings this hardware cannot run: " + "; ".join(problems))
-    log.info("%d worker(s) on %s; modes: %s", len(devices), ", ".join(devices), ", ".join(modes))
-    return Supervisor(
-        config,
-        devices,
-        modes,
-        worker_target=worker_target,
-        on_fatal=lambda reason: stop.request(reason, EXIT_WORKERS_FAILED),
-    )
-
-
-def _worker_node(
-    config: Config,
-    cluster: ClusterParts,
-    modes: tuple[Mode, ...],
-    stop: StopControl,
-    devices: list[str] | None,
-    worker_target: WorkerTarget | None,
-) -> WorkerNode:
-    supervisor = _supervisor(config, modes, stop, devices, worker_target)
-    return WorkerNode(
-        config, supervisor, cluster.queue, cluster.ledger, cluster.directory, cluster.store, cluster.node_id
     )
 
 
@@ -215,15 +210,12 @@ def create_worker_node_app(
     """A worker node (cluster.role worker): its supervisor and workers, fed from the cluster queue. Its HTTP port
     serves only what operators ask of it: /health, /ready (a worker loaded and Redis reachable), /status (its pool)
     and /metrics (its pool, its GPUs, the jobs it ran) — with no API keys: keep it on a private network."""
-    modes, notes = config.served_modes()
-    for note in notes:
-        log.warning(note)
-    stop = StopControl()
+    pool = _Pool.of(config, devices, worker_target)
     cluster = ClusterParts.connect(config)
-    node = _worker_node(config, cluster, modes, stop, devices, worker_target)
-    service = NodeService(config=config, node=node, cluster=cluster, stop=stop)
+    node = pool.worker_node(cluster)
+    service = NodeService(config=config, node=node, cluster=cluster, stop=pool.stop)
     # Its own pool, its GPUs (NVML on this host) and the jobs it ran: an API node sees none of its host's GPUs.
-    metrics = Metrics(node.supervisor, modes, config.defaults.priority)
+    metrics = Metrics(node.supervisor, pool.modes, config.defaults.priority)
     node.listeners.append(metrics.on_job_event)
 
     @asynccontextmanager
@@ -234,7 +226,7 @@ def create_worker_node_app(
             )
         if config.server.metrics_port:
             metrics.serve_on_port(config.server.host, config.server.metrics_port)
-        cluster.store.remove_all_inputs()
+        cluster.store.remove_all_inputs()  # this node's own inputs folder: another node's are elsewhere
         service.start()
         try:
             yield

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import os
 import signal
@@ -226,6 +227,48 @@ class GenServeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+# --- job event streams ------------------------------------------------------------------------------------------
+
+Event = tuple[str, dict[str, Any]]  # (SSE event kind, its data)
+
+
+def read_events(
+    server: GenServeProcess, task_id: str, into: list[Event] | None = None, headers: dict[str, str] | None = None
+) -> list[Event]:
+    """The whole SSE stream of a job, parsed, up to the server closing it (appended to ``into`` as it arrives)."""
+    events: list[Event] = [] if into is None else into
+    with requests.get(f"{server.url}/jobs/{task_id}/events", headers=headers, stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = ""
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[len("data: ") :])))
+    return events
+
+
+class EventReader:
+    """Reads a job's SSE stream on a thread, so the test can wait for one event before it moves the job on."""
+
+    def __init__(self, server: GenServeProcess, task_id: str) -> None:
+        self.events: list[Event] = []
+        self._thread = threading.Thread(target=read_events, args=(server, task_id, self.events), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, what: str, seen: Callable[[list[Event]], bool]) -> None:
+        wait_until(lambda: seen(list(self.events)), 60, 0.05, what)
+
+    def wait_for_kind(self, kind: str) -> None:
+        self.wait_for(f"a {kind} event", lambda events: any(k == kind for k, _ in events))
+
+    def join(self) -> list[Event]:
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "the event stream did not end"
+        return self.events
 
 
 # --- images the tests send --------------------------------------------------------------------------------------

@@ -64,3 +64,6 @@ class NodeDirectory:
             with redis_errors("node directory's", self._where):
                 self._client.hdel(self._key, *forgotten)
         return sorted(live, key=lambda report: report.node_id)
+
+    def close(self) -> None:
+        self._client.close()

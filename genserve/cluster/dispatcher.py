@@ -161,9 +161,6 @@ class ClusterDispatcher:
         events after stream id ``after``."""
         self._follower.follow(job, after)
 
-    def mirrored(self, job_id: str) -> Job | None:
-        return self._follower.followed(job_id)
-
     def cancel(self, job: Job, reason: CancelReason) -> None:
         """Stop a job wherever it is; returns at once (the event loop calls it). Idempotent."""
         if job.done:

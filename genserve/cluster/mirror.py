@@ -160,11 +160,6 @@ class EventFollower:
         with self._lock:
             return [job for job, _ in self._followed.values()]
 
-    def followed(self, job_id: str) -> Job | None:
-        with self._lock:
-            entry = self._followed.get(job_id)
-        return entry[0] if entry else None
-
     def last_id(self, job_id: str) -> str:
         """The id of the job's newest event so far ("0" when it has none): mirror the record read after it, then
         follow from it, and no event is missed."""

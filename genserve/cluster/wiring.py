@@ -85,7 +85,7 @@ class ClusterParts:
 
     def close(self) -> None:
         self.store.close()  # records and images
-        for part in (self.queue, self.events):
+        for part in (self.queue, self.events, self.directory):
             part.close()
         self.follower_client.close()
 

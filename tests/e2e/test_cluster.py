@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from PIL import Image
 
 from tests.cluster import Cluster, cluster_redis, make_cluster, wait_for_workers
 from tests.conftest import SMALL_JOB, Gates, held
-from tests.server import GenServeProcess, decode_png, png_bytes, wait_until
+from tests.server import Event, EventReader, GenServeProcess, decode_png, png_bytes, wait_until
 
 __all__ = ["cluster_redis", "make_cluster"]  # the fixtures, imported for pytest
 
@@ -145,42 +143,6 @@ def wait_queue_size(api: GenServeProcess, size: int) -> None:
     wait_until(lambda: queue_size(api) == size, 30, 0.05, f"{size} job(s) in the cluster queue")
 
 
-Event = tuple[str, dict[str, Any]]
-
-
-def read_events(
-    api: GenServeProcess, task_id: str, into: list[Event], headers: dict[str, str] | None = None
-) -> list[Event]:
-    """A job's whole SSE stream, parsed, until the server ends it (appended to ``into`` as it arrives)."""
-    with requests.get(f"{api.url}/jobs/{task_id}/events", headers=headers, stream=True, timeout=120) as response:
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"].startswith("text/event-stream")
-        kind = ""
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                kind = line[len("event: ") :]
-            elif line.startswith("data: "):
-                into.append((kind, json.loads(line[len("data: ") :])))
-    return into
-
-
-class EventReader:
-    """Reads a job's SSE stream on a thread, so the test can move the job on meanwhile."""
-
-    def __init__(self, api: GenServeProcess, task_id: str) -> None:
-        self.events: list[Event] = []
-        self._thread = threading.Thread(target=read_events, args=(api, task_id, self.events), daemon=True)
-        self._thread.start()
-
-    def wait_for(self, kind: str) -> None:
-        wait_until(lambda: any(k == kind for k, _ in list(self.events)), 60, 0.05, f"a {kind} event")
-
-    def join(self) -> list[Event]:
-        self._thread.join(timeout=120)
-        assert not self._thread.is_alive(), "the event stream did not end"
-        return self.events
-
-
 def ends_with_one(events: list[Event], kind: str) -> bool:
     kinds = [k for k, _ in events]
     return bool(kinds) and kinds[-1] == kind and sum(k in TERMINAL for k in kinds) == 1
@@ -239,7 +201,7 @@ def test_every_route_family_works_through_an_api_node(main: Main, gates: Gates, 
     # and it ends with exactly one completed.
     streamed = submit(api, **held(gate, seed=5))
     reader = EventReader(api, streamed)
-    reader.wait_for("started")
+    reader.wait_for_kind("started")
     gates.open(gate)
     events = reader.join()
     assert ends_with_one(events, "completed"), events
@@ -330,7 +292,7 @@ def test_cancel_and_events_through_an_api_node_that_did_not_take_the_job(
     wait_queue_size(main.a, 2)
     # api-b has never seen `following`: its SSE stream starts from the job's record, then follows its events.
     reader = EventReader(main.b, following)
-    reader.wait_for("queued")
+    reader.wait_for_kind("queued")
 
     # The queued job, canceled through api-b: out of the queue, never run; api-a (which took it) sees the same.
     answer = requests.post(f"{main.b.url}/jobs/{queued}/cancel", timeout=30)

@@ -12,9 +12,7 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import FAULT_SERVER, Gates, ServerFactory, held
-from tests.server import GenServeProcess, wait_until
+from tests.server import EventReader, GenServeProcess, read_events, wait_until
 
 SERVER_MODULE = FAULT_SERVER  # the shared `server` fixture runs fault-injection workers
 
@@ -69,41 +67,6 @@ def wait_stepping(server: GenServeProcess, task_id: str) -> dict[str, Any]:
         return view if view["status"] == "running" and (view["progress"] or {}).get("step", 0) >= 1 else None
 
     return wait_until(stepping, 60, what=f"job {task_id} to finish a step")
-
-
-Event = tuple[str, dict[str, Any]]
-
-
-def read_events(server: GenServeProcess, task_id: str, into: list[Event] | None = None) -> list[Event]:
-    """The whole SSE stream of a job, parsed, up to the server closing it (appended to ``into`` as it arrives)."""
-    events: list[Event] = [] if into is None else into
-    with requests.get(f"{server.url}/jobs/{task_id}/events", stream=True, timeout=120) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        kind = ""
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                kind = line[len("event: ") :]
-            elif line.startswith("data: "):
-                events.append((kind, json.loads(line[len("data: ") :])))
-    return events
-
-
-class EventReader:
-    """Reads a job's SSE stream in a thread, so the test can wait for one event before it moves the job on."""
-
-    def __init__(self, server: GenServeProcess, task_id: str) -> None:
-        self.events: list[Event] = []
-        self._thread = threading.Thread(target=read_events, args=(server, task_id, self.events), daemon=True)
-        self._thread.start()
-
-    def wait_for(self, what: str, seen: Callable[[list[Event]], bool]) -> None:
-        wait_until(lambda: seen(list(self.events)), 60, what=what)
-
-    def join(self) -> list[Event]:
-        self._thread.join(timeout=120)
-        assert not self._thread.is_alive(), "the event stream did not end"
-        return self.events
 
 
 def test_submit_poll_and_fetch_the_image(server: GenServeProcess) -> None:
